@@ -1,0 +1,49 @@
+# `make demo` and `make test` install what is missing, then run. Both are idempotent and fast once
+# installed: the venv is rebuilt only when pyproject.toml changes.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install ffmpeg demo test test-all bench clean
+
+install: ffmpeg $(STAMP)
+
+# Debian's ffmpeg through apt when we are root; otherwise say what to install.
+ffmpeg:
+	@command -v ffmpeg >/dev/null && command -v ffprobe >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing ffmpeg with apt-get"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg >/dev/null; \
+	  else \
+	    echo "ffmpeg is missing: install it (Debian/Ubuntu: sudo apt-get install ffmpeg) and rerun" >&2; \
+	    exit 1; \
+	  fi; }
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is required" >&2; exit 1; }
+	@[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# The whole pipeline on the built-in demo data, on CPU, through DVC.
+demo: install
+	$(BIN)/dvc repro
+
+test: install
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf data artifacts runs reports metrics mlflow.db mlartifacts

@@ -1,0 +1,1 @@
+"""nn.Modules and their losses; no file I/O except explicit checkpoint loading."""

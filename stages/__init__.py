@@ -1,0 +1,1 @@
+"""One module per pipeline stage: its Params, its run(), and its helpers."""

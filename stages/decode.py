@@ -1,0 +1,333 @@
+"""decode: turn a folder of videos or a manifest into fixed-size clips in `clips.zarr`.
+
+Input `paths.raw`: a folder (class sub-folders give labels, files at its top are unlabelled) or a
+manifest (CSV `path,label[,split]`, UCF101/HMDB51 split files, SSv2 JSON, Kinetics CSV).
+Output `paths.clips` (layout in DESIGN.md section 5) and `reports/decode.json`, which lists every
+skipped file with its reason. Each video gives `clips_per_video` evenly spaced clips of
+`num_frames` frames taken every `stride` frames (or at `target_fps`), short side resized to
+`store_size` and centre-cropped. Videos decode in worker processes that write their own chunks,
+so memory stays flat however many videos there are. A killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import zarr
+from pydantic import Field
+
+from pipeline.atomic import atomic_dir, partial_path, remove_path, write_json
+from pipeline.errors import StageError
+from pipeline.manifests import MANIFEST_FORMATS, ManifestError, VideoEntry, parse_manifest, scan_folder
+from pipeline.params import Paths, StageParams, params_hash
+from pipeline.progress import progress, progress_bar
+from pipeline.stores import SPLITS, create_clips_store, write_clip_table
+from pipeline.video import VideoInfo, VideoReadError, probe, read_clips
+
+log = logging.getLogger(__name__)
+
+
+class Params(StageParams):
+    num_frames: int = Field(16, ge=1, description="frames per clip")
+    stride: int = Field(2, ge=1, description="step between sampled frames (ignored with target_fps)")
+    target_fps: float | None = Field(None, gt=0, description="sample at this rate instead of `stride`")
+    clips_per_video: int = Field(2, ge=1, description="evenly spaced clips taken from each video")
+    store_size: int = Field(128, ge=8, description="stored frames are store_size x store_size")
+    val_fraction: float = Field(0.2, ge=0, lt=1, description="labelled videos per class held out "
+                                "for validation when the input gives no split")
+    workers: int = Field(2, ge=0, description="decoding processes (0: decode in this process)")
+    max_failed_fraction: float = Field(0.5, ge=0, le=1, description="fail the stage when more "
+                                       "inputs than this fraction cannot be decoded")
+    manifest_format: Literal[MANIFEST_FORMATS] = Field("auto", description="format of a manifest input")
+    video_root: Path | None = Field(None, description="folder that manifest paths are relative to")
+    backend: Literal["auto", "decord", "ffmpeg"] = Field("auto", description="video decoder")
+
+
+@dataclass(frozen=True)
+class VideoTask:
+    """One video's share of the work: which clips to decode and which store rows they fill."""
+
+    index: int
+    path: str
+    info: dict
+    clips: list[list[int]]
+    first_row: int
+
+
+def run(params: Params, *, videos: Path, clips: Path, report: Path) -> dict[str, Path]:
+    """Decode `videos` (folder or manifest) into the clips store `clips`; write `report`."""
+    entries = list_videos(videos, params)
+    if not entries:
+        raise StageError(f"no videos found in {videos}")
+    tmp = partial_path(clips)
+    signature = _signature(params, entries)
+    resume = _progress_signature(tmp) == signature
+    with _executor(params.workers) as pool:
+        infos, failures = probe_all(entries, params, pool)
+        tasks = plan_tasks(entries, infos, params, failures)
+        _check_failures(failures, len(entries), params)
+        with atomic_dir(clips, resume=resume) as store_dir:
+            if not resume:
+                _create_store(store_dir, entries, tasks, params, videos, signature)
+            failures += decode_all(tasks, store_dir, pool)
+            _check_failures(failures, len(entries), params)
+            if any(f["stage"] == "decode" for f in failures):
+                _drop_failed_videos(store_dir, tasks, {f["index"] for f in failures})
+            remove_path(store_dir / "_progress")
+    summary = _summary(entries, failures, clips)
+    write_json(report, summary)
+    log.info("decoded %d clips from %d videos; %d skipped (see %s)", summary["clips"],
+             summary["videos_decoded"], len(failures), report)
+    return {"clips": clips, "report": report}
+
+
+def run_stage(params: Params, paths: Paths) -> dict[str, Path]:
+    return run(params, videos=paths.raw, clips=paths.clips, report=paths.reports / "decode.json")
+
+
+def list_videos(source: Path, params: Params) -> list[VideoEntry]:
+    """The videos to decode, from a folder or a manifest."""
+    if not source.exists():
+        raise FileNotFoundError(f"input not found: {source}")
+    try:
+        if source.is_dir() and params.manifest_format == "auto":
+            return scan_folder(source)
+        return parse_manifest(source, fmt=params.manifest_format, video_root=params.video_root)
+    except ManifestError as err:
+        raise StageError(str(err)) from err
+
+
+def sample_clips(num_frames_in_video: int, fps: float, params: Params) -> list[list[int]]:
+    """Frame indices of each clip: `clips_per_video` evenly spaced windows; [] if too short."""
+    stride = frame_stride(fps, params)
+    span = clip_span(fps, params)
+    if num_frames_in_video < span:
+        return []
+    starts = np.unique(np.linspace(0, num_frames_in_video - span, params.clips_per_video).round())
+    return [list(range(int(s), int(s) + span, stride)) for s in starts]
+
+
+def probe_all(entries: list[VideoEntry], params: Params, pool: Executor | None
+              ) -> tuple[list[VideoInfo | None], list[dict]]:
+    """Probe every video; unreadable ones become failures with their reason."""
+    jobs = [(str(e.path), params.backend) for e in entries]
+    results = _map(pool, _probe_one, jobs)
+    infos: list[VideoInfo | None] = []
+    failures = []
+    for index, result in enumerate(progress(results, desc="probe", unit="video", total=len(jobs))):
+        if isinstance(result, str):
+            failures.append({"index": index, "path": str(entries[index].path), "stage": "probe",
+                             "reason": result})
+            result = None
+        infos.append(result)
+    return infos, failures
+
+
+def plan_tasks(entries: list[VideoEntry], infos: list[VideoInfo | None], params: Params,
+               failures: list[dict]) -> list[VideoTask]:
+    """Assign store rows to every clip of every readable video; too-short videos fail here."""
+    tasks, row = [], 0
+    for index, (entry, info) in enumerate(zip(entries, infos, strict=True)):
+        if info is None:
+            continue
+        clip_frames = sample_clips(info.num_frames, info.fps, params)
+        if not clip_frames:
+            failures.append({"index": index, "path": str(entry.path), "stage": "probe",
+                             "reason": f"too short: {info.num_frames} frames, a clip needs "
+                                       f"{clip_span(info.fps, params)}"})
+            continue
+        tasks.append(VideoTask(index, str(entry.path), asdict(info), clip_frames, row))
+        row += len(clip_frames)
+    return tasks
+
+
+def frame_stride(fps: float, params: Params) -> int:
+    """Step between sampled frames: `stride`, or the step that best approximates `target_fps`."""
+    return max(1, round(fps / params.target_fps)) if params.target_fps else params.stride
+
+
+def clip_span(fps: float, params: Params) -> int:
+    """How many source frames one clip covers."""
+    return (params.num_frames - 1) * frame_stride(fps, params) + 1
+
+
+def decode_all(tasks: list[VideoTask], store_dir: Path, pool: Executor | None) -> list[dict]:
+    """Decode every task not yet done into the store; return the videos that failed."""
+    done_dir = store_dir / "_progress" / "done"
+    todo = [t for t in tasks if not (done_dir / str(t.index)).exists()]
+    if len(todo) < len(tasks):
+        log.info("resuming: %d of %d videos already decoded", len(tasks) - len(todo), len(tasks))
+    failures = []
+    total = sum(len(t.clips) * len(t.clips[0]) for t in todo)
+    with progress_bar("decode", unit="frame", total=total) as update:
+        for task, result in zip(todo, _map(pool, _decode_one, [(t, str(store_dir)) for t in todo]),
+                                strict=True):
+            if isinstance(result, str):
+                failures.append({"index": task.index, "path": task.path, "stage": "decode",
+                                 "reason": result})
+            else:
+                update(result)
+    return failures
+
+
+def _probe_one(job: tuple[str, str]) -> VideoInfo | str:
+    path, backend = job
+    try:
+        return probe(Path(path), backend)
+    except VideoReadError as err:
+        return str(err)
+
+
+_frames_cache: dict[str, zarr.Array] = {}
+
+
+def _decode_one(job: tuple[VideoTask, str]) -> int | str:
+    """Worker: decode one video's clips into its rows; mark it done. Returns frames or a reason."""
+    task, store_dir = job
+    if store_dir not in _frames_cache:
+        _frames_cache[store_dir] = zarr.open_array(f"{store_dir}/frames", mode="r+")
+    frames = _frames_cache[store_dir]
+    info = VideoInfo(**task.info)
+    size = frames.shape[2]
+    try:
+        for offset, clip in enumerate(read_clips(Path(task.path), info, task.clips, size)):
+            frames[task.first_row + offset] = clip
+    except Exception as err:  # a file that probed fine can still be truncated mid-stream
+        return f"decode failed: {err}"
+    marker = Path(store_dir) / "_progress" / "done" / str(task.index)
+    marker.touch()
+    return sum(len(c) for c in task.clips)
+
+
+def _create_store(store_dir: Path, entries: list[VideoEntry], tasks: list[VideoTask],
+                  params: Params, source: Path, signature: str) -> None:
+    remove_path(store_dir)
+    class_names = sorted({e.label for e in entries if e.label is not None})
+    label_of = {name: i for i, name in enumerate(class_names)}
+    val = _validation_videos(entries, params.val_fraction)
+    labels, videos, starts, splits = [], [], [], []
+    for task in tasks:
+        entry = entries[task.index]
+        split = _split_code(entry, task.index in val)
+        for clip in task.clips:
+            labels.append(label_of.get(entry.label, -1))
+            videos.append(task.index)
+            starts.append(clip[0])
+            splits.append(split)
+    fps = sorted(t.info["fps"] for t in tasks)
+    create_clips_store(
+        store_dir, num_clips=len(labels), num_frames=params.num_frames, size=params.store_size,
+        labels=np.array(labels), videos=np.array(videos), starts=np.array(starts),
+        splits=np.array(splits), video_paths=[str(e.path) for e in entries],
+        attrs={"class_names": class_names, "fps": fps[len(fps) // 2] if fps else 0.0,
+               "frame_stride": params.stride, "target_fps": params.target_fps,
+               "source": str(source), "params": params.model_dump(mode="json")})
+    progress_dir = store_dir / "_progress"
+    (progress_dir / "done").mkdir(parents=True, exist_ok=True)
+    (progress_dir / "signature").write_text(signature)
+
+
+def _drop_failed_videos(store_dir: Path, tasks: list[VideoTask], failed: set[int]) -> None:
+    """Compact the store after videos failed mid-decode: shift later clips down over their rows."""
+    group = zarr.open_group(str(store_dir), mode="r+")
+    frames = group["frames"]
+    keep = [row for t in tasks if t.index not in failed
+            for row in range(t.first_row, t.first_row + len(t.clips))]
+    for new, old in enumerate(keep):
+        if new != old:
+            frames[new] = frames[old]
+    frames.resize((len(keep), *frames.shape[1:]))
+    columns = {name: group[name][:][keep] for name in ("label", "video", "start", "split")}
+    write_clip_table(group, labels=columns["label"], videos=columns["video"],
+                     starts=columns["start"], splits=columns["split"])
+
+
+def _validation_videos(entries: list[VideoEntry], fraction: float) -> set[int]:
+    """Per class, the ceil(n * fraction) videos with the smallest path hash (stable, stratified)."""
+    by_label: dict[str, list[int]] = {}
+    for index, entry in enumerate(entries):
+        if entry.label is not None and entry.split is None:
+            by_label.setdefault(entry.label, []).append(index)
+    chosen: set[int] = set()
+    for indices in by_label.values():
+        ranked = sorted(indices, key=lambda i: hashlib.sha1(entries[i].path.name.encode()).hexdigest())
+        chosen.update(ranked[:int(np.ceil(len(indices) * fraction))])
+    return chosen
+
+
+def _split_code(entry: VideoEntry, held_out: bool) -> int:
+    if entry.split is not None:
+        name = {"validation": "val", "validate": "val"}.get(entry.split, entry.split)
+        return SPLITS.index(name) if name in SPLITS else 0
+    return SPLITS.index("val") if held_out else SPLITS.index("train")
+
+
+def _check_failures(failures: list[dict], total: int, params: Params) -> None:
+    if failures and len(failures) / total > params.max_failed_fraction:
+        examples = "\n".join(f"  {f['path']}: {f['reason']}" for f in failures[:10])
+        raise StageError(f"{len(failures)} of {total} videos could not be decoded (more than "
+                         f"max_failed_fraction={params.max_failed_fraction}):\n{examples}")
+
+
+def _summary(entries: list[VideoEntry], failures: list[dict], clips: Path) -> dict:
+    group = zarr.open_group(str(clips), mode="r")
+    return {"videos": len(entries), "videos_decoded": len(entries) - len(failures),
+            "clips": int(group["frames"].shape[0]), "clip_shape": list(group["frames"].shape[1:]),
+            "class_names": group.attrs["class_names"],
+            "skipped": [{"path": f["path"], "reason": f["reason"]} for f in failures]}
+
+
+def _signature(params: Params, entries: list[VideoEntry]) -> str:
+    """Identifies the work: same params and same input files (path, size, mtime) -> same store."""
+    files = [(str(e.path), e.label, e.split, *(_stat(e.path))) for e in entries]
+    blob = json.dumps([params_hash(params), files]).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _stat(path: Path) -> tuple[int, int]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return (-1, -1)
+    return (stat.st_size, stat.st_mtime_ns)
+
+
+def _progress_signature(tmp: Path) -> str | None:
+    marker = tmp / "_progress" / "signature"
+    return marker.read_text() if marker.exists() else None
+
+
+class _executor:
+    """A spawn-based process pool (decord and zarr threads do not survive fork), or none."""
+
+    def __init__(self, workers: int) -> None:
+        self.pool = (ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+                     if workers > 0 else None)
+
+    def __enter__(self) -> Executor | None:
+        return self.pool
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def _map(pool: Executor | None, fn, jobs: list):
+    """Results of `fn` over `jobs` in order, lazily, in the pool or in this process."""
+    if pool is None:
+        return map(fn, jobs)
+    return pool.map(fn, jobs, chunksize=1)
+
+
+if __name__ == "__main__":
+    from pipeline.cli import stage_main
+
+    raise SystemExit(stage_main("decode"))
