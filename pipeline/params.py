@@ -7,6 +7,7 @@ and every failure names the offending key (`decode.num_frames: ...`), never a ba
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -65,7 +66,7 @@ def read_params_file(path: Path | str = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
 
 def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of `doc` with `section.key=value` overrides applied (values parsed as YAML)."""
-    doc = {section: dict(body or {}) for section, body in doc.items()}
+    doc = copy.deepcopy({section: dict(body or {}) for section, body in doc.items()})
     for item in overrides:
         key, sep, raw_value = item.partition("=")
         section, dot, name = key.strip().partition(".")
@@ -75,7 +76,13 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             value = yaml.safe_load(raw_value) if raw_value.strip() else None
         except yaml.YAMLError as err:
             raise ParamsError(f"--set {key}: cannot parse value {raw_value!r}: {err}") from err
-        doc.setdefault(section, {})[name] = value
+        target = doc.setdefault(section, {})
+        *parents, leaf = name.split(".")  # nested keys: pretrain.train.steps=10
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise ParamsError(f"--set {key}: {parent} is not a mapping")
+        target[leaf] = value
     return doc
 
 
@@ -112,6 +119,9 @@ def describe_params(model: type[BaseModel], section: str) -> str:
     """Human-readable list of a section's params with types, defaults and descriptions (for --help)."""
     lines = []
     for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            lines.append(describe_params(field.annotation, f"{section}.{name}"))
+            continue
         annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
         annotation = annotation.replace("typing.", "").replace("pathlib.", "")
         default = field.get_default(call_default_factory=True)
