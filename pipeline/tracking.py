@@ -115,6 +115,14 @@ class StageRun:
                 mlflow.log_artifact(str(path), artifact_path=subdir)
 
     @_retry_locked
+    def log_image(self, image: Any, name: str) -> None:
+        """Log an (H, W, 3) uint8 array as a PNG artifact (e.g. "samples/reconstructions.png")."""
+        if self.run_id:
+            import mlflow
+
+            mlflow.log_image(image, name)
+
+    @_retry_locked
     def log_figure(self, figure: Any, name: str) -> None:
         if self.run_id:
             import mlflow

@@ -335,6 +335,18 @@ def _wrap(model: nn.Module, params: TrainParams, place: Dist, find_unused: bool)
     return wrapped
 
 
+def write_history(history: list[dict[str, float]], path: Path) -> Path:
+    """Write the logged history as CSV (step first), for `dvc plots` and people."""
+    import csv
+
+    keys = ["step", *sorted({k for row in history for k in row} - {"step"})]
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    return path
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 
