@@ -1,0 +1,53 @@
+"""Save and load a pre-trained video encoder in our own format: the config that builds it + weights.
+
+`artifacts/pretrain/encoder.pt` holds {"format": "mam2.encoder", "config": build_encoder kwargs,
+"state_dict": encoder weights}. Loading uses `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.video_vit import VideoViT, build_encoder
+
+FORMAT = "mam2.encoder"
+
+
+class EncoderCheckpointError(ValueError):
+    """The file is not one of our encoder checkpoints, or its weights do not fit its config."""
+
+
+def save_encoder(encoder: VideoViT, config: dict[str, Any], path: Path | str) -> Path:
+    """Write the encoder and the `build_encoder` kwargs that rebuild it (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    torch.save({"format": FORMAT, "config": dict(config), "state_dict": encoder.state_dict()}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_encoder(path: Path | str, **overrides: Any) -> tuple[VideoViT, dict[str, Any]]:
+    """Rebuild the encoder saved at `path`; `overrides` change build kwargs (e.g. num_frames,
+    img_size, drop_path_rate): the 3-D sin-cos position table is regenerated for the new grid."""
+    try:
+        state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise EncoderCheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise EncoderCheckpointError(f"{path}: not a mam2 encoder checkpoint (format {FORMAT!r})")
+    config = {**state["config"], **overrides}
+    encoder = build_encoder(**config)
+    weights = {k: v for k, v in state["state_dict"].items() if "pos_embed" not in k}
+    missing, unexpected = encoder.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if "pos_embed" not in k]
+    if missing or unexpected:
+        raise EncoderCheckpointError(f"{path}: weights do not fit the config; missing {missing[:8]}, "
+                                     f"unexpected {unexpected[:8]}")
+    return encoder, config
