@@ -5,7 +5,7 @@ Both sides decode the same frames of the same videos at the same resize (short s
 ratio stage/bare says what that costs (target >= 0.8 with one worker). Then the stage runs with
 more workers to show the speed-up. Figures print last and go to bench/results/decode-<device>.json.
 
-    python bench/decode.py [--videos 24] [--frames 120] [--workers-max 2]
+    python bench/decode.py [--videos 24] [--frames 120] [--workers-max 2] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -76,21 +76,30 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=360)
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--workers-max", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-decode-"))
     try:
         (work / "raw").mkdir()
         paths = make_videos(work / "raw", args.videos, args.frames, args.height, args.width)
         params = Params(num_frames=16, stride=2, clips_per_video=3, store_size=128, workers=1)
-        bare_s, frames = timed(lambda: bare_decord(paths, params))
-        results = {"videos": len(paths), "frames": frames, "bare_decord_fps": frames / bare_s}
+        best: dict[str, float] = {}
+        frames = 0
+        # Alternate reference and stage runs and keep each one's best time, so a burst of load
+        # on this shared machine does not favour whichever side happened to run first.
+        for _ in range(args.repeats):
+            seconds, frames = timed(lambda: bare_decord(paths, params))
+            best["bare"] = min(best.get("bare", seconds), seconds)
+            for workers in range(1, args.workers_max + 1):
+                p = params.model_copy(update={"workers": workers})
+                out = work / f"clips-{workers}.zarr"
+                seconds, _ = timed(lambda p=p, out=out: run(p, videos=work / "raw", clips=out,
+                                                            report=work / "report.json"))
+                best[f"w{workers}"] = min(best.get(f"w{workers}", seconds), seconds)
+                shutil.rmtree(out)
+        results = {"videos": len(paths), "frames": frames, "bare_decord_fps": frames / best["bare"]}
         for workers in range(1, args.workers_max + 1):
-            p = params.model_copy(update={"workers": workers})
-            out = work / f"clips-{workers}.zarr"
-            stage_s, _ = timed(lambda p=p, out=out: run(p, videos=work / "raw", clips=out,
-                                                        report=work / "report.json"))
-            results[f"stage_fps_workers_{workers}"] = frames / stage_s
-            shutil.rmtree(out)
+            results[f"stage_fps_workers_{workers}"] = frames / best[f"w{workers}"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["ratio_stage_1_worker_vs_bare"] = results["stage_fps_workers_1"] / results["bare_decord_fps"]

@@ -23,6 +23,7 @@ from pipeline.atomic import atomic_dir
 from pipeline.params import Paths, StageParams
 from pipeline.progress import progress
 from pipeline.stores import compressor
+from pipeline.tracking import current
 from pipeline.synthetic import GT_STYLE, MOTION_CLASSES, render_class_clip, render_motion_clip
 from pipeline.video import write_mp4
 
@@ -62,6 +63,9 @@ def run(params: Params, *, raw: Path, motion_gt: Path) -> dict[str, Path]:
             copy_sample_videos(tmp)
     with atomic_dir(motion_gt) as tmp:
         write_motion_gt(tmp, params)
+    current().log_metrics({"data/labelled_videos": len(params.classes) * params.videos_per_class,
+                           "data/sample_videos": len(SAMPLE_VIDEOS) if params.include_samples else 0,
+                           "data/motion_gt_clips": params.motion_gt_clips})
     return {"raw": raw, "motion_gt": motion_gt}
 
 
