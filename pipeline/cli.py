@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -28,6 +30,7 @@ from pipeline.params import (
     validate_section,
 )
 from pipeline.progress import setup_logging
+from pipeline.shards import ShardError, parse_shard, supports_shards
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +74,14 @@ def load_config(name: str, module: ModuleType, params_file: Path, overrides: lis
     return validate_section(doc, name, module.Params), validate_section(doc, "paths", Paths)
 
 
-def validate_all(params_file: Path | str = DEFAULT_PARAMS_FILE) -> dict[str, object]:
-    """Validate every section of a params file against the stages present; return the models."""
+def validate_all(params_file: Path | str = DEFAULT_PARAMS_FILE,
+                 stages: list[str] | None = None) -> dict[str, object]:
+    """Validate `paths` and the sections of `stages` (default: every stage present) of a params
+    file, and that it has no unknown section; return the models by section."""
     doc = read_params_file(params_file)
     check_sections(doc)
     models: dict[str, object] = {"paths": validate_section(doc, "paths", Paths)}
-    for name in available_stages():
+    for name in available_stages() if stages is None else stages:
         models[name] = validate_section(doc, name, load_stage(name).Params)
     return models
 
@@ -95,8 +100,35 @@ def stage_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
     return parser
 
 
+def rank() -> int:
+    """This process's rank under torchrun (0 when run directly)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def run_tags(name: str, params: object, params_file: Path, overrides: list[str]) -> dict[str, str]:
+    """Tags every run gets besides stage, commit and params hash: the pre-training objective (the
+    pretrain stage's own, or the params file's `pretrain.objective` for the others), so runs built
+    on a mam2 or a videomae encoder compare side by side."""
+    objective = getattr(params, "objective", None) if name == "pretrain" else None
+    if objective is None:
+        doc = apply_overrides(read_params_file(params_file), overrides)
+        objective = (doc.get("pretrain") or {}).get("objective")
+    return {"objective": str(objective)} if objective is not None else {}
+
+
+def _shard_arg(text: str):
+    try:
+        return parse_shard(text)
+    except ShardError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def stage_main(name: str, argv: list[str] | None = None) -> int:
-    """Run one stage from the command line; returns the process exit code."""
+    """Run one stage from the command line; returns the process exit code.
+
+    Under torchrun every rank runs the stage (the training loop needs them all), but only rank 0
+    opens the MLflow run and logs at INFO, so a job makes one run and one log, not N.
+    """
     from pipeline.tracking import stage_run
 
     try:
@@ -104,20 +136,34 @@ def stage_main(name: str, argv: list[str] | None = None) -> int:
     except ParamsError as err:
         print(f"mam2: {err}", file=sys.stderr)
         return 2
-    args = stage_parser(name, module).parse_args(argv)
-    setup_logging(args.log_level.upper())
+    parser = stage_parser(name, module)
+    sharded = supports_shards(module)
+    if sharded:
+        parser.add_argument("--shard", type=_shard_arg, metavar="I/N",
+                            help="process shard I of N (0-based) into the shared partial store; "
+                                 "run again without --shard to commit it")
+    args = parser.parse_args(argv)
+    main_rank = rank() == 0
+    setup_logging(args.log_level.upper() if main_rank else "WARNING")
+    shard = getattr(args, "shard", None)
     try:
         params, paths = load_config(name, module, args.params, args.overrides)
+        tags = run_tags(name, params, args.params, args.overrides)
     except ParamsError as err:
         print(f"mam2 {name}: {err}", file=sys.stderr)
         return 2
+    if shard is not None:
+        tags["shard"] = str(shard)
+    tracking = stage_run(name, params, tags=tags) if main_rank else contextlib.nullcontext()
     try:
-        with stage_run(name, params):
-            outputs = module.run_stage(params, paths)
+        with tracking:
+            outputs = (module.run_stage(params, paths, shard=shard) if sharded
+                       else module.run_stage(params, paths))
     except (StageError, FileNotFoundError) as err:
         print(f"mam2 {name}: error: {err}", file=sys.stderr)
         return 1
-    log.info("%s done: %s", name, ", ".join(str(p) for p in _as_list(outputs)))
+    log.info("%s%s done: %s", name, f" shard {shard}" if shard else "",
+             ", ".join(str(p) for p in _as_list(outputs)))
     return 0
 
 
@@ -129,18 +175,34 @@ def _as_list(outputs: object) -> list:
     return [outputs]
 
 
+COMMANDS = {
+    "check-params": "validate every section of a params file",
+    "serve": "serve the Prefect deployment mam2/full (mam2 serve --help)",
+    "runs": "table of MLflow runs and their key metrics (mam2 runs --help)",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     stages = available_stages()
     if argv and argv[0] in STAGES:
         return stage_main(argv[0], argv[1:])
+    if argv and argv[0] == "serve":
+        from pipeline.serve import main as serve_main
+
+        return serve_main(argv[1:])
+    if argv and argv[0] == "runs":
+        from pipeline.runs_table import main as runs_main
+
+        return runs_main(argv[1:])
     lines = [f"  {name:<16}{stage_summary(name)}" for name in stages]
+    commands = [f"  {name:<16}{text}" for name, text in COMMANDS.items()]
     parser = argparse.ArgumentParser(
         prog="mam2", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="MAM2 video pre-training and motion-model refinement pipeline.",
         epilog="stages (mam2 <stage> --help for its params):\n" + "\n".join(lines)
-        + "\n\nother commands:\n  check-params    validate every section of a params file")
-    parser.add_argument("command", nargs="?", help="a stage name or check-params")
+        + "\n\nother commands:\n" + "\n".join(commands))
+    parser.add_argument("command", nargs="?", help="a stage name or one of the other commands")
     parser.add_argument("--params", type=Path, default=DEFAULT_PARAMS_FILE)
     args = parser.parse_args(argv)
     if args.command == "check-params":

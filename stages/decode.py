@@ -7,6 +7,8 @@ skipped file with its reason. Each video gives `clips_per_video` evenly spaced c
 `num_frames` frames taken every `stride` frames (or at `target_fps`), short side resized to
 `store_size` and centre-cropped. Videos decode in worker processes that write their own chunks,
 so memory stays flat however many videos there are. A killed run resumes where it stopped.
+`--shard i/n` decodes every n-th video into the shared partial store; the run without `--shard`
+afterwards commits it (pipeline/shards.py), giving the same store as one unsharded run.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import numpy as np
 import zarr
 from pydantic import Field
 
-from pipeline.atomic import atomic_dir, partial_path, remove_path, write_json
+from pipeline.atomic import commit, partial_path, write_json
 from pipeline.errors import StageError
 from pipeline.manifests import MANIFEST_FORMATS, ManifestError, VideoEntry, parse_manifest, scan_folder
 from pipeline.params import Paths, StageParams, params_hash
 from pipeline.progress import progress, progress_bar
+from pipeline.shards import ProgressMarkers, Shard, finish_plan, plan_once
 from pipeline.stores import SPLITS, create_clips_store, write_clip_table
+from pipeline.tracking import current
 from pipeline.video import VideoInfo, VideoReadError, probe, read_clips
 
 log = logging.getLogger(__name__)
@@ -62,35 +66,48 @@ class VideoTask:
     first_row: int
 
 
-def run(params: Params, *, videos: Path, clips: Path, report: Path) -> dict[str, Path]:
-    """Decode `videos` (folder or manifest) into the clips store `clips`; write `report`."""
+def run(params: Params, *, videos: Path, clips: Path, report: Path,
+        shard: Shard | None = None) -> dict[str, Path]:
+    """Decode `videos` (folder or manifest) into the clips store `clips`; write `report`.
+
+    With `shard`, decode only that shard's videos into the shared partial store and return it;
+    a later run without `shard` finds them done and only commits the store (pipeline/shards.py).
+    """
     entries = list_videos(videos, params)
     if not entries:
         raise StageError(f"no videos found in {videos}")
-    tmp = partial_path(clips)
-    signature = _signature(params, entries)
-    resume = _progress_signature(tmp) == signature
+    tmp, signature = partial_path(clips), _signature(params, entries)
     with _executor(params.workers) as pool:
-        infos, failures = probe_all(entries, params, pool)
-        tasks = plan_tasks(entries, infos, params, failures)
-        _check_failures(failures, len(entries), params)
-        with atomic_dir(clips, resume=resume) as store_dir:
-            if not resume:
-                _create_store(store_dir, entries, tasks, params, videos, signature)
-            failures += decode_all(tasks, store_dir, pool)
-            _check_failures(failures, len(entries), params)
-            if any(f["stage"] == "decode" for f in failures):
-                _drop_failed_videos(store_dir, tasks, {f["index"] for f in failures})
-            remove_path(store_dir / "_progress")
+        plan, resumed = plan_once(tmp, signature, lambda store_dir: _plan_store(
+            store_dir, entries, params, videos, pool, signature))
+        tasks = [VideoTask(**task) for task in plan["tasks"]]
+        mine = tasks if shard is None else shard.select(tasks)
+        if resumed and shard is None:
+            log.info("resuming the partial store %s", tmp)
+        decode_all(mine, tmp, pool, signature)
+    if shard is not None:
+        log.info("shard %s: %d of %d videos in %s", shard, len(mine), len(tasks), tmp)
+        current().log_metrics({"data/shard_videos": len(mine)})
+        return {"partial": tmp}
+    decode_failures = _decode_failures(tmp, tasks)
+    failures = plan["failures"] + decode_failures
+    _check_failures(failures, len(entries), params)
+    if decode_failures:
+        _drop_failed_videos(tmp, tasks, {f["index"] for f in decode_failures})
+    finish_plan(tmp)
+    commit(tmp, clips)
     summary = _summary(entries, failures, clips)
     write_json(report, summary)
+    current().log_metrics({"data/videos": len(entries), "data/videos_decoded": summary["videos_decoded"],
+                           "data/videos_skipped": len(failures), "data/clips": summary["clips"]})
     log.info("decoded %d clips from %d videos; %d skipped (see %s)", summary["clips"],
              summary["videos_decoded"], len(failures), report)
     return {"clips": clips, "report": report}
 
 
-def run_stage(params: Params, paths: Paths) -> dict[str, Path]:
-    return run(params, videos=paths.raw, clips=paths.clips, report=paths.reports / "decode.json")
+def run_stage(params: Params, paths: Paths, shard: Shard | None = None) -> dict[str, Path]:
+    return run(params, videos=paths.raw, clips=paths.clips, report=paths.reports / "decode.json",
+               shard=shard)
 
 
 def list_videos(source: Path, params: Params) -> list[VideoEntry]:
@@ -159,23 +176,27 @@ def clip_span(fps: float, params: Params) -> int:
     return (params.num_frames - 1) * frame_stride(fps, params) + 1
 
 
-def decode_all(tasks: list[VideoTask], store_dir: Path, pool: Executor | None) -> list[dict]:
-    """Decode every task not yet done into the store; return the videos that failed."""
-    done_dir = store_dir / "_progress" / "done"
-    todo = [t for t in tasks if not (done_dir / str(t.index)).exists()]
+def decode_all(tasks: list[VideoTask], store_dir: Path, pool: Executor | None, signature: str) -> None:
+    """Decode every task not yet settled into the store; mark each video done or failed."""
+    markers = ProgressMarkers(store_dir)
+    todo = markers.pending(tasks, key=lambda t: t.index)
     if len(todo) < len(tasks):
         log.info("resuming: %d of %d videos already decoded", len(tasks) - len(todo), len(tasks))
-    failures = []
     total = sum(len(t.clips) * len(t.clips[0]) for t in todo)
+    jobs = [(t, str(store_dir), signature) for t in todo]
     with progress_bar("decode", unit="frame", total=total) as update:
-        for task, result in zip(todo, _map(pool, _decode_one, [(t, str(store_dir)) for t in todo]),
-                                strict=True):
+        for task, result in zip(todo, _map(pool, _decode_one, jobs), strict=True):
             if isinstance(result, str):
-                failures.append({"index": task.index, "path": task.path, "stage": "decode",
-                                 "reason": result})
+                markers.mark_failed(task.index, result)
             else:
                 update(result)
-    return failures
+
+
+def _decode_failures(store_dir: Path, tasks: list[VideoTask]) -> list[dict]:
+    """The videos that failed mid-decode (in this run or an earlier shard), in task order."""
+    reasons = ProgressMarkers(store_dir).failures()
+    return [{"index": t.index, "path": t.path, "stage": "decode", "reason": reasons[str(t.index)]}
+            for t in tasks if str(t.index) in reasons]
 
 
 def _probe_one(job: tuple[str, str]) -> VideoInfo | str:
@@ -186,15 +207,17 @@ def _probe_one(job: tuple[str, str]) -> VideoInfo | str:
         return str(err)
 
 
-_frames_cache: dict[str, zarr.Array] = {}
+# One open `frames` array per worker process and store plan (reopening it per video is slow).
+_frames_cache: dict[tuple[str, str], zarr.Array] = {}
 
 
-def _decode_one(job: tuple[VideoTask, str]) -> int | str:
+def _decode_one(job: tuple[VideoTask, str, str]) -> int | str:
     """Worker: decode one video's clips into its rows; mark it done. Returns frames or a reason."""
-    task, store_dir = job
-    if store_dir not in _frames_cache:
-        _frames_cache[store_dir] = zarr.open_array(f"{store_dir}/frames", mode="r+")
-    frames = _frames_cache[store_dir]
+    task, store_dir, signature = job
+    key = (store_dir, signature)
+    if key not in _frames_cache:
+        _frames_cache[key] = zarr.open_array(f"{store_dir}/frames", mode="r+")
+    frames = _frames_cache[key]
     info = VideoInfo(**task.info)
     size = frames.shape[2]
     try:
@@ -202,14 +225,23 @@ def _decode_one(job: tuple[VideoTask, str]) -> int | str:
             frames[task.first_row + offset] = clip
     except Exception as err:  # a file that probed fine can still be truncated mid-stream
         return f"decode failed: {err}"
-    marker = Path(store_dir) / "_progress" / "done" / str(task.index)
-    marker.touch()
+    ProgressMarkers(Path(store_dir)).mark_done(task.index)
     return sum(len(c) for c in task.clips)
 
 
+def _plan_store(store_dir: Path, entries: list[VideoEntry], params: Params, source: Path,
+                pool: Executor | None, signature: str) -> dict:
+    """Probe every video, assign store rows, create the store; the plan every shard follows."""
+    infos, failures = probe_all(entries, params, pool)
+    tasks = plan_tasks(entries, infos, params, failures)
+    _check_failures(failures, len(entries), params)
+    _create_store(store_dir, entries, tasks, params, source)
+    return {"signature": signature, "tasks": [asdict(t) for t in tasks],
+            "failures": failures}
+
+
 def _create_store(store_dir: Path, entries: list[VideoEntry], tasks: list[VideoTask],
-                  params: Params, source: Path, signature: str) -> None:
-    remove_path(store_dir)
+                  params: Params, source: Path) -> None:
     class_names = sorted({e.label for e in entries if e.label is not None})
     label_of = {name: i for i, name in enumerate(class_names)}
     val = _validation_videos(entries, params.val_fraction)
@@ -230,9 +262,6 @@ def _create_store(store_dir: Path, entries: list[VideoEntry], tasks: list[VideoT
         attrs={"class_names": class_names, "fps": fps[len(fps) // 2] if fps else 0.0,
                "frame_stride": params.stride, "target_fps": params.target_fps,
                "source": str(source), "params": params.model_dump(mode="json")})
-    progress_dir = store_dir / "_progress"
-    (progress_dir / "done").mkdir(parents=True, exist_ok=True)
-    (progress_dir / "signature").write_text(signature)
 
 
 def _drop_failed_videos(store_dir: Path, tasks: list[VideoTask], failed: set[int]) -> None:
@@ -298,11 +327,6 @@ def _stat(path: Path) -> tuple[int, int]:
     except OSError:
         return (-1, -1)
     return (stat.st_size, stat.st_mtime_ns)
-
-
-def _progress_signature(tmp: Path) -> str | None:
-    marker = tmp / "_progress" / "signature"
-    return marker.read_text() if marker.exists() else None
 
 
 class _executor:

@@ -1,5 +1,6 @@
 """decode: frames equal an ffmpeg reference, sampling follows the params, bad files are skipped
-and reported, and a killed run leaves no output and resumes to the same store."""
+and reported, a killed run leaves no output and resumes to the same store, and shards decoded
+concurrently then committed give the same store as one unsharded run."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 import zarr
 
 from pipeline.errors import StageError
+from pipeline.shards import ProgressMarkers, Shard
 from stages.decode import Params, run, sample_clips
 from tests.conftest import ffmpeg_reference
 
@@ -165,3 +167,62 @@ def test_killed_decode_leaves_nothing_and_resumes_to_same_store(tmp_path, make_v
         assert np.array_equal(ref[name][:], out[name][:]), name
     assert dict(ref.attrs) == dict(out.attrs)
     assert not (tmp_path / ".clips.zarr.partial").exists()
+
+
+def test_two_concurrent_shards_then_finalize_equal_one_unsharded_run(tmp_path, make_video):
+    for i in range(5):
+        make_video(f"raw/c{i % 2}/v{i}.mp4", num_frames=40, seed=i)
+    make_video("raw/c0/short.mp4", num_frames=6)  # skipped by the plan, reported by the final run
+    env = {**os.environ, "MAM2_TRACKING": "0", "PYTHONPATH": str(REPO)}
+
+    def cli(clips: str, reports: str, *extra: str) -> list[str]:
+        return [*_decode_cli(tmp_path, clips), "--set", f"paths.reports={tmp_path / reports}", *extra]
+
+    subprocess.run(cli("ref.zarr", "ref_reports"), env=env, check=True, cwd=tmp_path,
+                   capture_output=True)
+    shards = [subprocess.Popen(cli("clips.zarr", "reports", "--shard", f"{i}/2"), env=env,
+                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+              for i in range(2)]
+    for shard in shards:
+        assert shard.wait() == 0, shard.stderr.read().decode()
+    partial = tmp_path / ".clips.zarr.partial"
+    assert not (tmp_path / "clips.zarr").exists() and partial.exists()
+    assert len(list((partial / "_progress" / "done").iterdir())) == 5
+    final = subprocess.run(cli("clips.zarr", "reports"), env=env, cwd=tmp_path, capture_output=True,
+                           text=True)
+    assert final.returncode == 0, final.stderr
+    assert "resuming: 5 of 5 videos already decoded" in final.stderr, "finalising decodes nothing"
+    ref = zarr.open_group(str(tmp_path / "ref.zarr"), mode="r")
+    out = zarr.open_group(str(tmp_path / "clips.zarr"), mode="r")
+    for name in ("frames", "label", "video", "start", "split", "videos"):
+        assert np.array_equal(ref[name][:], out[name][:]), name
+    assert dict(ref.attrs) == dict(out.attrs) and out["frames"].shape[0] == 5 * 4
+    ref_report, report = (json.loads((tmp_path / d / "decode.json").read_text())
+                          for d in ("ref_reports", "reports"))
+    assert report == ref_report and [Path(s["path"]).name for s in report["skipped"]] == ["short.mp4"]
+    assert not partial.exists() and not (tmp_path / ".clips.zarr.partial.lock").exists()
+
+
+def test_shards_decode_only_their_videos_and_failures_are_dropped_at_the_end(tmp_path, make_video):
+    for i in range(4):
+        make_video(f"raw/v{i}.mp4", num_frames=20, seed=i)
+    params = Params(workers=0, num_frames=4, stride=2, store_size=32, clips_per_video=1)
+    paths = {"videos": tmp_path / "raw", "report": tmp_path / "report.json"}
+    ref = zarr.open_group(str(run(params, clips=tmp_path / "ref.zarr", **paths)["clips"]), mode="r")
+    out = run(params, clips=tmp_path / "clips.zarr", shard=Shard(0, 2), **paths)
+    partial = tmp_path / ".clips.zarr.partial"
+    assert out == {"partial": partial}
+    assert sorted(p.name for p in (partial / "_progress" / "done").iterdir()) == ["0", "2"]
+    frames = zarr.open_group(str(partial), mode="r")["frames"]
+    assert frames[0].any() and not frames[1].any() and frames[2].any() and not frames[3].any()
+    assert not (tmp_path / "clips.zarr").exists()
+    # what shard 1 leaves when video 3 breaks under it: a failure marker with the reason
+    ProgressMarkers(partial).mark_failed(3, "decode failed: truncated stream")
+    run(params, clips=tmp_path / "clips.zarr", shard=Shard(1, 2), **paths)
+    final = run(params, clips=tmp_path / "clips.zarr", **paths)
+    store = zarr.open_group(str(final["clips"]), mode="r")
+    assert store["video"][:].tolist() == [0, 1, 2]
+    assert np.array_equal(store["frames"][:], ref["frames"][:3])
+    report = json.loads(final["report"].read_text())
+    assert report["skipped"] == [{"path": str(tmp_path / "raw/v3.mp4"),
+                                  "reason": "decode failed: truncated stream"}]
