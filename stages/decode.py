@@ -17,7 +17,7 @@ import hashlib
 import json
 import logging
 from concurrent.futures import Executor, ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Literal
@@ -220,11 +220,21 @@ def _decode_one(job: tuple[VideoTask, str, str]) -> int | str:
     frames = _frames_cache[key]
     info = VideoInfo(**task.info)
     size = frames.shape[2]
-    try:
-        for offset, clip in enumerate(read_clips(Path(task.path), info, task.clips, size)):
-            frames[task.first_row + offset] = clip
-    except Exception as err:  # a file that probed fine can still be truncated mid-stream
-        return f"decode failed: {err}"
+    # decord refuses some resize targets ("size must exactly match") and some damaged streams;
+    # ffmpeg scales with the same bilinear filter, so it takes over with identical pixels.
+    backends = [info.backend] + (["ffmpeg"] if info.backend == "decord" else [])
+    errors = []
+    for backend in backends:
+        try:
+            reader = read_clips(Path(task.path), replace(info, backend=backend), task.clips, size)
+            for offset, clip in enumerate(reader):
+                frames[task.first_row + offset] = clip
+            break
+        except Exception as err:  # a file that probed fine can still be truncated mid-stream
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            errors.append(f"{backend}: {lines[-1][:200]}")
+    else:
+        return "decode failed (" + "; ".join(errors) + ")"
     ProgressMarkers(Path(store_dir)).mark_done(task.index)
     return sum(len(c) for c in task.clips)
 

@@ -226,3 +226,12 @@ def test_shards_decode_only_their_videos_and_failures_are_dropped_at_the_end(tmp
     report = json.loads(final["report"].read_text())
     assert report["skipped"] == [{"path": str(tmp_path / "raw/v3.mp4"),
                                   "reason": "decode failed: truncated stream"}]
+
+
+def test_resize_decord_refuses_falls_back_to_ffmpeg(tmp_path, make_video):
+    # decord 0.6 cannot resize 64x64 to 48x48 ("size must exactly match"); ffmpeg takes over
+    video = make_video("raw/v.mp4", num_frames=20, height=64, width=64)
+    store, report = decode(tmp_path, tmp_path / "raw", store_size=48, clips_per_video=1)
+    assert report["skipped"] == []
+    reference = ffmpeg_reference(video, vf="scale=48:48:flags=bilinear,crop=48:48:0:0")
+    assert np.abs(store["frames"][0].astype(int) - reference[0:16:2]).max() <= 1
