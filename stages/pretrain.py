@@ -1,0 +1,364 @@
+"""pretrain: MAM2 masked appearance-motion pre-training of a video ViT (or the VideoMAE baseline).
+
+Inputs: `paths.clips` (clips.zarr; train split and unlabelled clips), `data/targets.zarr` beside it
+(VQGAN codes of the frames and of the flipped frames; the RGB differences are recomputed from the frames
+unless `motion_source: store`; not needed by `objective: videomae`), and, when present,
+`artifacts/tokenizer/vqgan.pt` to draw predicted codes as images.
+Outputs: `artifacts/pretrain/encoder.pt` (the encoder in `models.encoder_io` format, read by finetune)
+and `model.pt` (encoder + regressor + decoders + params), `metrics/pretrain.json`,
+`reports/pretrain/history.csv` and sample images; resumable state in `runs/pretrain/`.
+Samples are f-grid-aligned crops at the input size, flips and temporal windows of the stored clips
+(why: `pipeline.pretrain_data`), tube-masked at `mask_ratio`; training runs through the shared loop
+(AdamW, lr = base_lr x batch / 256, warm-up + cosine, DDP under torchrun, exact resume).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from einops import rearrange
+from pydantic import Field, field_validator, model_validator
+from torch.utils.data import default_collate
+
+from models.encoder_io import save_encoder
+from models.mam2 import MAM2, OBJECTIVES
+from models.pretrain_targets import code_target, motion_target
+from models.video_vit import ENCODER_SIZES, build_encoder, split_tokens, unpatchify
+from pipeline.atomic import atomic_dir, write_json
+from pipeline.params import Paths, StageParams
+from pipeline.pretrain_data import PretrainDataset, Sampling
+from pipeline.tensors import clip_to_tensor, tensor_to_clip, tensor_to_image
+from pipeline.tracking import current
+from pipeline.training import TrainParams, init_distributed, to_device, train, write_history
+
+log = logging.getLogger(__name__)
+
+ObjectiveName = Literal["mam2", "mam2_appearance", "mam2_motion", "mam2_no_regressor", "videomae"]
+# CPU demo: lr = 0.03 x 8 / 256 = 9.4e-4, close to the paper's 1.5e-4 x 2048 / 256 = 1.2e-3.
+TRAIN_DEFAULTS = TrainParams(steps=200, batch_size=8, base_lr=0.03, warmup_steps=20, checkpoint_every=50,
+                             log_every=10)
+SCALAR_KEYS = ("loss", "loss_appearance", "loss_motion", "loss_pixel", "loss_align", "appearance_acc")
+
+
+class Params(StageParams):
+    model: Literal["tiny", "small", "base", "large"] = Field("tiny", description="encoder size (ViT-T/S/B/L)")
+    depth: int | None = Field(4, ge=1, description="override the size's depth (null: the size's own)")
+    embed_dim: int | None = Field(None, ge=8, description="override the size's width (null: the size's own)")
+    num_heads: int | None = Field(None, ge=1, description="override the size's heads (null: the size's own)")
+    num_frames: int = Field(8, ge=2, description="frames per input clip (a window of the stored clip)")
+    input_size: int = Field(112, ge=16, description="input crop side in pixels (a multiple of f and patch)")
+    patch_size: int = Field(16, ge=1, description="tubelet side in pixels")
+    tubelet_size: int = Field(2, ge=1, description="tubelet length in frames")
+    mask: Literal["tube", "random"] = Field("tube", description="masking kind")
+    mask_ratio: float = Field(0.9, ge=0, lt=1, description="fraction of tubelets masked")
+    flip: bool = Field(True, description="random horizontal flips (codes of flipped frames swap in)")
+    motion_source: Literal["frames", "store"] = Field(
+        "frames", description="RGB differences: frames = computed on the device from the loaded frames "
+        "(identical to the stored ones, and half the data to read and move); store = read targets.zarr")
+    objective: ObjectiveName = Field("mam2", description="mam2, its ablations, or the videomae baseline")
+    appearance_weight: float = Field(1.0, ge=0, description="weight of the code cross-entropy")
+    motion_weight: float = Field(1.0, ge=0, description="weight of the RGB-difference MSE")
+    align_weight: float = Field(0.0, ge=0, description="regressor alignment loss weight (0: off)")
+    decoder_dim: int = Field(192, ge=8, description="width of each decoder")
+    decoder_depth: int = Field(2, ge=1, description="blocks per decoder")
+    decoder_heads: int = Field(3, ge=1, description="heads per decoder block")
+    regressor_depth: int = Field(2, ge=1, description="regressor blocks (MAM2 objectives)")
+    layer_scale: float = Field(0.1, gt=0, description="regressor layer-scale init")
+    epochs: float | None = Field(None, gt=0, description="if set, train.steps = ceil(epochs x train "
+                                 "clips / train.batch_size)")
+    sample_clips: int = Field(2, ge=0, le=16, description="clips drawn in the sample images")
+    system_metrics_every: float = Field(10.0, gt=0, description="seconds between system metric samples")
+    train: TrainParams = Field(TRAIN_DEFAULTS, description="optimisation (the shared loop's params)")
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _train_over_stage_defaults(cls, value: object) -> object:
+        """A partial `train:` block (`--set pretrain.train.steps=5`) overrides this stage's defaults,
+        not TrainParams' generic ones."""
+        return {**TRAIN_DEFAULTS.model_dump(), **value} if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _heads_divide_widths(self) -> Params:
+        size = ENCODER_SIZES[self.model]
+        width, heads = self.embed_dim or size["embed_dim"], self.num_heads or size["num_heads"]
+        if width % heads or width % 2:
+            raise ValueError(f"embed_dim {width} must be even and divisible by num_heads {heads}")
+        if self.decoder_dim % self.decoder_heads:
+            raise ValueError(f"decoder_dim {self.decoder_dim} must divide by decoder_heads {self.decoder_heads}")
+        return self
+
+
+def run(params: Params, *, clips: Path, targets: Path, tokenizer: Path, artifacts: Path, run_dir: Path,
+        metrics: Path, reports: Path) -> dict[str, Path]:
+    """Pre-train on `clips` + `targets`; write the encoder and model to `artifacts`, metrics, reports."""
+    dataset = PretrainDataset(clips, targets, sampling_for(params))
+    train_params = resolve_steps(params, len(dataset))
+    place = init_distributed()
+    if place.is_main:
+        log.info("pre-training %s (%s) on %d clips for %d steps of %d", params.objective, params.model,
+                 len(dataset), train_params.steps, train_params.batch_size)
+        current().log_metrics({"data/train_clips": len(dataset), "data/steps": train_params.steps,
+                               "data/epochs": train_params.steps * train_params.batch_size / len(dataset)})
+    torch.manual_seed(train_params.seed)
+    model = build_model(params, dataset)
+    with system_metrics(params.system_metrics_every if place.is_main else None):
+        loss_fn = partial(mam2_loss, motion=needs_motion(params))
+        result = train(model, dataset, loss_fn, train_params, run_dir, unit="clip",
+                       fingerprint=fingerprint(params, dataset))
+    outputs = {"artifacts": artifacts, "metrics": metrics, "reports": reports}
+    if not place.is_main:
+        return outputs
+    same_run = [fingerprint(params, dataset), train_params.model_dump(mode="json", exclude={"stop_after", "workers"})]
+    history = whole_history(run_dir, result.history, json.dumps(same_run, sort_keys=True))
+    if not result.completed:
+        log.info("stopped after step %d of %d (train.stop_after); rerun to continue", result.step,
+                 train_params.steps)
+        return outputs
+    model = result.model.eval()
+    with atomic_dir(artifacts) as tmp:
+        save_encoder(model.encoder, encoder_config(params), tmp / "encoder.pt")
+        torch.save(model_checkpoint(params, model), tmp / "model.pt")
+    summary = summarise(history, train_params, len(dataset))
+    write_json(metrics, summary)
+    with atomic_dir(reports) as tmp:
+        write_history(history, tmp / "history.csv")
+        for name, image in sample_images(model, dataset, params.sample_clips, tokenizer).items():
+            _save_png(image, tmp / name)
+    current().log_artifact(reports, "pretrain")
+    current().log_artifact(metrics)
+    log.info("pretrain: %s", ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+    return outputs
+
+
+def run_stage(params: Params, paths: Paths) -> dict[str, Path]:
+    return run(params, clips=paths.clips, targets=paths.clips.parent / "targets.zarr",
+               tokenizer=paths.artifacts / "tokenizer" / "vqgan.pt", artifacts=paths.artifacts / "pretrain",
+               run_dir=paths.runs / "pretrain", metrics=paths.metrics / "pretrain.json",
+               reports=paths.reports / "pretrain")
+
+
+# ----------------------------------------------------------------------------- model and loss
+
+
+def sampling_for(params: Params) -> Sampling:
+    """What the loader must cut and read for these params (videomae reads no targets)."""
+    appearance, motion = OBJECTIVES[params.objective].appearance, needs_motion(params)
+    return Sampling(num_frames=params.num_frames, input_size=params.input_size, patch_size=params.patch_size,
+                    tubelet_size=params.tubelet_size, flip=params.flip, mask_kind=params.mask,
+                    mask_ratio=params.mask_ratio, codes=appearance,
+                    rgb_diff=motion and params.motion_source == "store")
+
+
+def needs_motion(params: Params) -> bool:
+    """Whether the objective predicts RGB differences."""
+    return OBJECTIVES[params.objective].motion
+
+
+def resolve_steps(params: Params, num_clips: int) -> TrainParams:
+    """The train params with `steps` derived from `epochs` when that is set."""
+    if params.epochs is None:
+        return params.train
+    steps = max(1, math.ceil(params.epochs * num_clips / params.train.batch_size))
+    return params.train.model_copy(update={"steps": steps})
+
+
+def encoder_config(params: Params) -> dict:
+    """`build_encoder` kwargs of the encoder: what `encoder.pt` records to rebuild it."""
+    overrides = {k: getattr(params, k) for k in ("depth", "embed_dim", "num_heads") if getattr(params, k)}
+    return {"name": params.model, "img_size": params.input_size, "num_frames": params.num_frames,
+            "patch_size": params.patch_size, "tubelet_size": params.tubelet_size, **overrides}
+
+
+def build_model(params: Params, dataset: PretrainDataset) -> MAM2:
+    """Encoder of the named size with the objective's heads, sized to the targets store's codebook."""
+    info = dataset.info
+    return MAM2(build_encoder(**encoder_config(params)), params.objective,
+                codebook_size=info.codebook_size if info else 1, code_downsample=dataset.align,
+                decoder_dim=params.decoder_dim, decoder_depth=params.decoder_depth,
+                decoder_heads=params.decoder_heads, regressor_depth=params.regressor_depth,
+                layer_scale=params.layer_scale, appearance_weight=params.appearance_weight,
+                motion_weight=params.motion_weight, align_weight=params.align_weight)
+
+
+def model_inputs(batch: dict, motion: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """A loader batch (on-disk layouts) -> the model's clip (B, C, T, H, W), mask and targets.
+
+    Without stored differences in the batch, `motion` computes them from the frames in integers, so they
+    are bit-identical to targets.zarr's `frame[t+1] - frame[t]`.
+    """
+    frames, targets = batch["frames"], {}
+    if "codes" in batch:
+        targets["codes"] = batch["codes"].long()
+    if "rgb_diff" in batch or motion:
+        diff = batch.get("rgb_diff")
+        if diff is None:
+            diff = frames[:, 1:].to(torch.int16) - frames[:, :-1].to(torch.int16)
+        targets["rgb_diff"] = clip_to_tensor(diff)  # (B, C, T-1, H, W); the /255 is normalised away
+    return clip_to_tensor(frames), batch["mask"], targets
+
+
+def mam2_loss(model: torch.nn.Module, batch: dict, *, motion: bool) -> dict[str, torch.Tensor]:
+    """The loop's loss: the model's weighted loss plus its parts and the top-1 code accuracy."""
+    out = model(*model_inputs(batch, motion))
+    return {key: out[key] for key in SCALAR_KEYS if key in out}
+
+
+def fingerprint(params: Params, dataset: PretrainDataset) -> str:
+    """Identifies a run's state: a checkpoint of other model/data settings is not resumed from."""
+    blob = json.dumps([params.model_dump(mode="json", exclude={"train", "sample_clips", "system_metrics_every"}),
+                       str(dataset.frames_shape), len(dataset)], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def model_checkpoint(params: Params, model: MAM2) -> dict:
+    """Everything `model.pt` holds: weights of every head plus the params that build them."""
+    return {"format": "mam2.pretrain", "params": params.model_dump(mode="json"),
+            "encoder_config": encoder_config(params), "codebook_size": model.codebook_size,
+            "code_downsample": model.code_downsample, "state_dict": model.state_dict()}
+
+
+def whole_history(run_dir: Path, history: list[dict], key: str) -> list[dict]:
+    """This run's logged rows after those of the earlier runs it resumed (kept in `run_dir`).
+
+    A resumed run logs only its own steps, and a rerun of a finished run logs none; the rows of earlier
+    runs with the same settings (`key`) fill in the steps before this run's first.
+    """
+    path = run_dir / "history.json"
+    earlier = []
+    if path.exists():
+        saved = json.loads(path.read_text())
+        first = history[0]["step"] if history else float("inf")
+        earlier = [row for row in saved["rows"] if row["step"] < first] if saved.get("key") == key else []
+    rows = earlier + history
+    write_json(path, {"key": key, "rows": rows})
+    return rows
+
+
+def summarise(history: list[dict], train_params: TrainParams, num_clips: int, window: int = 5) -> dict:
+    """metrics/pretrain.json: means over the last `window` logs (each log is one step's batch), the first
+    logged loss, and how much training that was."""
+    summary: dict = {"steps": train_params.steps, "batch_size": train_params.batch_size, "train_clips": num_clips,
+                     "epochs": train_params.steps * train_params.batch_size / num_clips}
+    if not history:
+        log.warning("no training history (the run finished earlier and its history is gone)")
+        return summary
+    last = history[-window:]
+    for key in (*SCALAR_KEYS, "clips_per_s"):
+        if key in last[-1]:
+            summary[key] = sum(row[key] for row in last) / len(last)
+    if "loss_motion" in summary:
+        summary["motion_mse"] = summary["loss_motion"]  # MSE of the per-tubelet normalised differences
+    summary["first_loss"] = history[0]["loss"]
+    return summary
+
+
+@contextlib.contextmanager
+def system_metrics(interval: float | None) -> Iterator[None]:
+    """MLflow's CPU/GPU/memory/disk sampler on the active run while training (rank 0 only)."""
+    run_id = current().run_id
+    if not run_id or interval is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
+# ----------------------------------------------------------------------------- sample images
+
+
+@torch.no_grad()
+def sample_images(model: MAM2, dataset: PretrainDataset, count: int, tokenizer: Path) -> dict[str, np.ndarray]:
+    """Images of predictions on the first `count` train clips (masked tubelets darkened in the top band):
+    target vs predicted RGB differences; VQGAN-decoded target vs predicted codes; masked frames."""
+    if count == 0:
+        return {}
+    device, enc = next(model.parameters()).device, model.encoder
+    batch = default_collate([dataset.sample(int(row), seed) for seed, row in enumerate(dataset.rows[:count])])
+    clip, mask, targets = model_inputs(to_device(batch, device), model.motion_decoder is not None)
+    out = model(clip, mask, targets)
+    grid, masked, frames = enc.grid_for(clip), split_tokens(mask).masked, clip.shape[2]
+    voxels = mask.float()[..., None].expand(-1, -1, enc.tubelet_size * enc.patch_size ** 2)
+    shade = tensor_to_clip(clip * (1 - 0.7 * unpatchify(voxels, grid, enc.tubelet_size, enc.patch_size, 1)))
+    images = {}
+    if "pred_motion" in out:
+        target, _ = motion_target(targets["rgb_diff"], enc.tubelet_size, enc.patch_size)
+        videos = [tensor_to_clip((0.5 + unpatchify(t, grid, enc.tubelet_size, enc.patch_size) / 6).clamp(0, 1))
+                  for t in (target, _paste(target, masked, out["pred_motion"]))]  # +-3 std spans the greys
+        images["motion_target_vs_pred.png"] = _montage([shade, *videos], frames - 1)
+    if "pred_codes" in out and (decoded := _decode_codes(tokenizer, model, targets["codes"], out, masked, grid)):
+        images["codes_target_vs_pred.png"] = _montage([shade, *decoded], frames)
+    if "pred_pixels" in out:
+        images["frames_masked.png"] = _montage([shade, tensor_to_clip(clip)], frames)
+    for name, image in images.items():
+        current().log_image(image, f"samples/{name}")
+    return images
+
+
+def _paste(tokens: torch.Tensor, masked: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of `tokens` (B, N, ...) with the masked tokens (B, M) replaced by `values` (B, M, ...)."""
+    out = tokens.clone()
+    out[torch.arange(len(out), device=out.device)[:, None], masked] = values.to(out.dtype)
+    return out
+
+
+def _decode_codes(tokenizer: Path, model: MAM2, codes: torch.Tensor, out: dict, masked: torch.Tensor,
+                  grid: tuple[int, int, int]) -> list[np.ndarray] | None:
+    """Target codes, and target codes with the predicted ones pasted under the masked tubelets, decoded by
+    the VQGAN as clips (B, T, H, W, 3); None without a usable tokenizer."""
+    from models.vqgan import CheckpointError, load_vqgan
+
+    if not tokenizer.exists():
+        log.info("no tokenizer at %s: skipping the decoded-codes image", tokenizer)
+        return None
+    try:
+        vqgan = load_vqgan(tokenizer).to(codes.device)
+    except CheckpointError as err:
+        log.warning("skipping the decoded-codes image: %s", err)
+        return None
+    if vqgan.codebook_size != model.codebook_size or vqgan.config.downsample_factor != model.code_downsample:
+        log.warning("%s does not match the targets' codebook: skipping the decoded-codes image", tokenizer)
+        return None
+    enc, k = model.encoder, model.encoder.patch_size // model.code_downsample
+    tokens = code_target(codes, enc.tubelet_size, enc.patch_size, model.code_downsample)  # (B, N, K)
+    clips = []
+    for t in (tokens, _paste(tokens, masked, out["pred_codes"])):
+        grid_codes = rearrange(t, "b (t h w) (pt ph pw) -> (b t pt) (h ph) (w pw)", t=grid[0], h=grid[1],
+                               w=grid[2], pt=enc.tubelet_size, ph=k, pw=k)
+        images = ((vqgan.decode(grid_codes) + 1) / 2).clamp(0, 1)  # (B*T, C, H, W)
+        clips.append(rearrange(tensor_to_image(images), "(b t) h w c -> b t h w c", b=codes.shape[0]))
+    return clips
+
+
+def _montage(rows: list[np.ndarray], frames: int, gap: int = 2) -> np.ndarray:
+    """Rows of clips (B, T, H, W, 3) -> one image: per clip, one band per row, its first `frames` frames."""
+    bands = [np.concatenate(list(np.pad(clip[:frames], ((0, 0), (gap, 0), (gap, 0), (0, 0)))), axis=1)
+             for b in range(len(rows[0])) for clip in (row[b] for row in rows)]
+    return np.ascontiguousarray(np.concatenate(bands, axis=0))
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(image).save(path)
+
+
+if __name__ == "__main__":
+    from pipeline.cli import stage_main
+
+    raise SystemExit(stage_main("pretrain"))
