@@ -115,16 +115,20 @@ def params_hash(model: BaseModel) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def describe_params(model: type[BaseModel], section: str) -> str:
-    """Human-readable list of a section's params with types, defaults and descriptions (for --help)."""
+def describe_params(model: type[BaseModel], section: str, defaults: BaseModel | None = None) -> str:
+    """Human-readable list of a section's params with types, defaults and descriptions (for --help).
+
+    A nested section (a stage's `train:`) shows the stage's defaults for it, not the nested model's own.
+    """
     lines = []
     for name, field in model.model_fields.items():
+        default = (getattr(defaults, name) if defaults is not None
+                   else field.get_default(call_default_factory=True))
         if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            lines.append(describe_params(field.annotation, f"{section}.{name}"))
+            lines.append(describe_params(field.annotation, f"{section}.{name}", default))
             continue
         annotation = getattr(field.annotation, "__name__", None) or str(field.annotation)
         annotation = annotation.replace("typing.", "").replace("pathlib.", "")
-        default = field.get_default(call_default_factory=True)
         default = default.model_dump(mode="json") if isinstance(default, BaseModel) else default
         text = f"  {section}.{name} ({annotation}, default {default!r})"
         if field.description:

@@ -22,19 +22,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.atomic import atomic_file
 from pipeline.errors import StageError
 from pipeline.params import StageParams
-from pipeline.progress import progress_bar
+from pipeline.progress import bars_enabled, progress_bar
 from pipeline.tracking import current
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,18 @@ class TrainParams(StageParams):
     def learning_rate(self) -> float:
         scale = self.batch_size / 256 if self.lr_scaling == "linear" else 1.0
         return self.base_lr * scale
+
+
+def stage_train_params(defaults: TrainParams) -> Any:
+    """The type of a stage's `train:` field whose partial blocks override `defaults`.
+
+    Without it `--set tokenizer.train.steps=5` (or a `train:` block naming a few keys) would fall back
+    to TrainParams' generic defaults for every other key instead of the stage's own.
+    """
+    def over_stage_defaults(value: object) -> object:
+        return {**defaults.model_dump(), **value} if isinstance(value, dict) else value
+
+    return Annotated[TrainParams, BeforeValidator(over_stage_defaults)]
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -250,6 +262,9 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, params: TrainPara
                 result.history.append({"step": done, **logs})
                 if place.is_main:
                     current().log_metrics({f"train/{k}": v for k, v in logs.items()}, step=done)
+                    if not bars_enabled():  # a log file or CI: say how far it is, as the bar would
+                        log.info("step %d/%d  loss %.4g  %.1f %ss/s", done, params.steps, logs["loss"],
+                                 rate, unit)
             if done % params.checkpoint_every == 0 or done == stop:
                 save_checkpoint(run_dir, model, optimizer, scaler, params, fingerprint, done, place)
     result.step = stop

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 from einops import rearrange
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from torch.utils.data import default_collate
 
 from models.encoder_io import save_encoder
@@ -39,7 +39,7 @@ from pipeline.params import Paths, StageParams
 from pipeline.pretrain_data import PretrainDataset, Sampling
 from pipeline.tensors import clip_to_tensor, tensor_to_clip, tensor_to_image
 from pipeline.tracking import current
-from pipeline.training import TrainParams, init_distributed, to_device, train, write_history
+from pipeline.training import TrainParams, stage_train_params, init_distributed, to_device, train, write_history
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ ObjectiveName = Literal["mam2", "mam2_appearance", "mam2_motion", "mam2_no_regre
 TRAIN_DEFAULTS = TrainParams(steps=200, batch_size=8, base_lr=0.03, warmup_steps=20, checkpoint_every=50,
                              log_every=10)
 SCALAR_KEYS = ("loss", "loss_appearance", "loss_motion", "loss_pixel", "loss_align", "appearance_acc")
+StageTrainParams = stage_train_params(TRAIN_DEFAULTS)
 
 
 class Params(StageParams):
@@ -78,14 +79,7 @@ class Params(StageParams):
                                  "clips / train.batch_size)")
     sample_clips: int = Field(2, ge=0, le=16, description="clips drawn in the sample images")
     system_metrics_every: float = Field(10.0, gt=0, description="seconds between system metric samples")
-    train: TrainParams = Field(TRAIN_DEFAULTS, description="optimisation (the shared loop's params)")
-
-    @field_validator("train", mode="before")
-    @classmethod
-    def _train_over_stage_defaults(cls, value: object) -> object:
-        """A partial `train:` block (`--set pretrain.train.steps=5`) overrides this stage's defaults,
-        not TrainParams' generic ones."""
-        return {**TRAIN_DEFAULTS.model_dump(), **value} if isinstance(value, dict) else value
+    train: StageTrainParams = Field(TRAIN_DEFAULTS, description="optimisation (the shared loop's params)")
 
     @model_validator(mode="after")
     def _heads_divide_widths(self) -> Params:

@@ -1,4 +1,4 @@
-"""`dvc repro` runs the pipeline in a temporary copy of the repo on tiny params, and afterwards
+"""`dvc repro` runs the whole pipeline in a temporary copy of the repo on tiny params, and afterwards
 `dvc status` is clean."""
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ TINY = {
                   "num_frames": 12, "size": 64, "include_samples": False, "motion_gt_clips": 1,
                   "motion_gt_frames": 4, "motion_gt_points": 4},
     "decode": {"num_frames": 4, "stride": 2, "clips_per_video": 1, "store_size": 32, "workers": 0},
+    "tokenizer": {"codebook_size": 16, "crop_size": 32, "val_frames": 4, "grid_frames": 2,
+                  "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "log_every": 1}},
+    "targets": {"clips_per_batch": 2},
+    "pretrain": {"num_frames": 4, "input_size": 32, "decoder_dim": 16, "decoder_depth": 1,
+                 "decoder_heads": 1, "regressor_depth": 1, "depth": 1, "sample_clips": 1,
+                 "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1}},
 }
 
 
@@ -44,12 +50,17 @@ def test_dvc_repro_then_status_clean(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
            "MAM2_TRACKING": "0"}
-    repro = subprocess.run([str(BIN / "dvc"), "repro", "decode"], cwd=repo, env=env,
+    repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=env,
                            capture_output=True, text=True)
     assert repro.returncode == 0, repro.stdout + repro.stderr
     store = zarr.open_group(str(repo / "data/clips.zarr"), mode="r")
     assert store["frames"].shape == (4, 4, 32, 32, 3)
     assert (repo / "dvc.lock").exists() and (repo / "reports/decode.json").exists()
+    targets = zarr.open_group(str(repo / "data/targets.zarr"), mode="r")
+    assert targets["codes"].shape == (4, 4, 2, 2) and targets["rgb_diff"].shape == (4, 3, 32, 32, 3)
+    for out in ("artifacts/tokenizer/vqgan.pt", "metrics/tokenizer.json", "artifacts/pretrain/encoder.pt",
+                "metrics/pretrain.json", "reports/pretrain/history.csv"):
+        assert (repo / out).is_file(), out
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=repo, env=env, capture_output=True,
                             text=True)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout

@@ -1,0 +1,166 @@
+"""targets: codes of frame t are the codes of frame t (and of its mirror image), RGB differences are
+exact, the store's layout and attrs, clear errors, and a killed or sharded run gives the same store."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from models.vqgan import VQGAN, VQGANConfig, save_vqgan
+from pipeline.errors import StageError
+from pipeline.shards import Shard
+from stages.targets import Params, run
+from tests.models.test_vqgan import _reference_model
+from tests.stages.test_tokenizer import make_clips_store, one_thread  # noqa: F401  (a fixture)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def codebook_on_data(model: VQGAN, clips: Path) -> VQGAN:
+    """Seed every code on an encoder output of these clips, so codes vary like a trained model's
+    (a random codebook maps nearly every frame to one code)."""
+    frames = zarr.open_group(str(clips), mode="r")["frames"][:]
+    x = torch.from_numpy(frames.reshape(-1, *frames.shape[2:])).permute(0, 3, 1, 2).float() / 255 * 2 - 1
+    with torch.no_grad():
+        latent = model.encode_to_latent(x)
+    model.reinit_dead_codes(torch.zeros(model.codebook_size), latent,
+                            generator=torch.Generator().manual_seed(0))
+    return model
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """Demo-like clips (7 clips of 4 frames of 32 px) and an f4 tokenizer seeded on them."""
+    clips = make_clips_store(tmp_path / "clips.zarr", num_clips=7, num_frames=4, size=32)
+    tokenizer = save_vqgan(codebook_on_data(_reference_model(), clips), tmp_path / "vqgan.pt")
+    return clips, tokenizer
+
+
+def make_targets(tmp_path: Path, clips: Path, tokenizer: Path, name: str = "targets.zarr",
+                 **overrides) -> zarr.Group:
+    out = run(Params(**{"clips_per_batch": 3, "frames_per_batch": 5, **overrides}), clips=clips,
+              tokenizer=tokenizer, targets=tmp_path / name)
+    return zarr.open_group(str(out["targets"]), mode="r")
+
+
+def encode_frame(model: VQGAN, frame: np.ndarray) -> np.ndarray:
+    """The codes of one (H, W, 3) uint8 frame, encoded alone."""
+    x = torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 255 * 2 - 1
+    return model.encode(x)[0].numpy()
+
+
+def test_codes_of_frame_t_are_the_codes_of_frame_t_and_of_its_mirror(tmp_path, inputs):
+    clips, tokenizer = inputs
+    targets = make_targets(tmp_path, clips, tokenizer)
+    frames = zarr.open_group(str(clips), mode="r")["frames"][:]
+    codes, flipped = targets["codes"][:], targets["codes_flipped"][:]
+    assert codes.shape == flipped.shape == (7, 4, 8, 8) and codes.dtype == np.int16
+    model = codebook_on_data(_reference_model(), clips)
+    for row in range(7):
+        for t in range(4):
+            assert np.array_equal(codes[row, t], encode_frame(model, frames[row, t])), (row, t)
+            mirror = np.ascontiguousarray(frames[row, t, :, ::-1])
+            assert np.array_equal(flipped[row, t], encode_frame(model, mirror)), (row, t)
+    # the check has teeth: codes differ between frames, and a mirror's codes are not mirrored codes
+    assert len(np.unique(codes)) > 8 and not np.array_equal(codes[:, 0], codes[:, 1])
+    assert not np.array_equal(flipped, codes[..., ::-1])
+
+
+def test_rgb_diff_is_exact_and_the_store_is_described(tmp_path, inputs):
+    clips, tokenizer = inputs
+    targets = make_targets(tmp_path, clips, tokenizer)
+    frames = zarr.open_group(str(clips), mode="r")["frames"][:]
+    diff = targets["rgb_diff"][:]
+    assert diff.dtype == np.int16 and diff.shape == (7, 3, 32, 32, 3)
+    assert np.array_equal(diff, frames[:, 1:].astype(np.int16) - frames[:, :-1].astype(np.int16))
+    assert diff.min() < -50 and diff.max() > 50  # both signs survive: no uint8 wrap-around
+    for name in ("codes", "codes_flipped", "rgb_diff"):
+        assert targets[name].chunks[0] == 1 and targets[name].chunks[1:] == targets[name].shape[1:]
+        assert "blosc" in str(targets[name].compressors).lower()
+    attrs = dict(targets.attrs)
+    assert attrs["codebook_size"] == 64 and attrs["downsample"] == 4 and attrs["frame_size"] == 32
+    assert attrs["tokenizer_sha256"] == hashlib.sha256(tokenizer.read_bytes()).hexdigest()
+    assert attrs["tokenizer"] == str(tokenizer) and attrs["clips"] == str(clips)
+    assert not (tmp_path / ".targets.zarr.partial").exists()
+
+
+def test_bad_inputs_are_clear_errors(tmp_path, inputs):
+    clips, tokenizer = inputs
+    with pytest.raises(FileNotFoundError, match="run `mam2 tokenizer` first"):
+        make_targets(tmp_path, clips, tmp_path / "none.pt")
+    (junk := tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(StageError, match="tokenizer: .*junk.pt"):
+        make_targets(tmp_path, clips, junk)
+    odd = make_clips_store(tmp_path / "odd.zarr", num_clips=1, num_frames=2, size=30)
+    with pytest.raises(StageError, match="30x30 px are not a multiple of the tokenizer's down-sampling 4"):
+        make_targets(tmp_path, odd, tokenizer)
+    with pytest.raises(FileNotFoundError, match="clips store not found"):
+        make_targets(tmp_path, tmp_path / "nothing.zarr", tokenizer)
+    assert not (tmp_path / "targets.zarr").exists()
+
+
+def test_two_shards_then_the_final_run_equal_one_run(tmp_path, inputs):
+    clips, tokenizer = inputs
+    whole = make_targets(tmp_path, clips, tokenizer, "whole.zarr")
+    parts = {"clips": clips, "tokenizer": tokenizer, "targets": tmp_path / "targets.zarr"}
+    params = Params(clips_per_batch=3, frames_per_batch=5)
+    assert run(params, shard=Shard(1, 2), **parts) == {"partial": tmp_path / ".targets.zarr.partial"}
+    done = tmp_path / ".targets.zarr.partial" / "_progress" / "done"
+    assert sorted(p.name for p in done.iterdir()) == ["3"]  # batches start at rows 0, 3, 6
+    run(params, shard=Shard(0, 2), **parts)
+    assert sorted(p.name for p in done.iterdir()) == ["0", "3", "6"]
+    final = zarr.open_group(str(run(params, **parts)["targets"]), mode="r")
+    for name in ("codes", "codes_flipped", "rgb_diff"):
+        assert np.array_equal(final[name][:], whole[name][:]), name
+    assert dict(final.attrs) == dict(whole.attrs)
+
+
+def _targets_cli(root: Path) -> list[str]:
+    return [sys.executable, "-m", "stages.targets", "--set", f"paths.clips={root / 'clips.zarr'}",
+            "--set", f"paths.artifacts={root / 'artifacts'}", "--set", "targets.clips_per_batch=1",
+            "--set", "targets.device=cpu"]
+
+
+def test_killed_targets_resumes_to_the_same_store(tmp_path):
+    # 64 px frames through the f16 demo architecture, one clip per batch: a kill lands mid-run
+    clips = make_clips_store(tmp_path / "clips.zarr", num_clips=12, num_frames=4, size=64)
+    torch.manual_seed(0)
+    model = codebook_on_data(VQGAN(VQGANConfig.tiny_f16()), clips)
+    (tmp_path / "artifacts" / "tokenizer").mkdir(parents=True)
+    tokenizer = save_vqgan(model, tmp_path / "artifacts" / "tokenizer" / "vqgan.pt")
+    # the reference runs in this process (one thread, like the CLI runs under OMP_NUM_THREADS=1)
+    ref = run(Params(clips_per_batch=1, device="cpu"), clips=clips, tokenizer=tokenizer,
+              targets=tmp_path / "ref" / "targets.zarr")["targets"]
+    env = {**os.environ, "MAM2_TRACKING": "0", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(_targets_cli(tmp_path), env=env, cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = tmp_path / ".targets.zarr.partial" / "_progress" / "done"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (done.exists() and any(done.iterdir())):
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "targets.zarr").exists()
+    finished = len(list(done.iterdir()))
+    assert 0 < finished < 12, "the kill should land mid-run"
+    resumed = subprocess.run(_targets_cli(tmp_path), env=env, cwd=tmp_path, capture_output=True,
+                             text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming: {finished} of 12 batches already written" in resumed.stderr
+    ref = zarr.open_group(str(ref), mode="r")
+    out = zarr.open_group(str(tmp_path / "targets.zarr"), mode="r")
+    for name in ("codes", "codes_flipped", "rgb_diff"):
+        assert np.array_equal(ref[name][:], out[name][:]), name
+    assert dict(ref.attrs) == dict(out.attrs) and (out["codes"][:] >= 0).all()
+    assert len(np.unique(out["codes"][:])) > 20
+    assert not (tmp_path / ".targets.zarr.partial").exists()
