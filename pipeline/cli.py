@@ -179,6 +179,7 @@ COMMANDS = {
     "check-params": "validate every section of a params file",
     "serve": "serve the Prefect deployment mam2/full (mam2 serve --help)",
     "runs": "table of MLflow runs and their key metrics (mam2 runs --help)",
+    "experiment": "run a named experiment (mam2 experiment mam2-vs-videomae --help)",
 }
 
 
@@ -191,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         from pipeline.serve import main as serve_main
 
         return serve_main(argv[1:])
+    if argv and argv[0] == "experiment":
+        from pipeline.experiment import main as experiment_main
+
+        return experiment_main(argv[1:])
     if argv and argv[0] == "runs":
         from pipeline.runs_table import main as runs_main
 

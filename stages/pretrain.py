@@ -39,7 +39,7 @@ from pipeline.params import Paths, StageParams
 from pipeline.pretrain_data import PretrainDataset, Sampling
 from pipeline.tensors import clip_to_tensor, tensor_to_clip, tensor_to_image
 from pipeline.tracking import current
-from pipeline.training import TrainParams, stage_train_params, init_distributed, to_device, train, write_history
+from pipeline.training import TrainParams, stage_train_params, whole_history, init_distributed, to_device, train, write_history
 
 log = logging.getLogger(__name__)
 
@@ -219,23 +219,6 @@ def model_checkpoint(params: Params, model: MAM2) -> dict:
     return {"format": "mam2.pretrain", "params": params.model_dump(mode="json"),
             "encoder_config": encoder_config(params), "codebook_size": model.codebook_size,
             "code_downsample": model.code_downsample, "state_dict": model.state_dict()}
-
-
-def whole_history(run_dir: Path, history: list[dict], key: str) -> list[dict]:
-    """This run's logged rows after those of the earlier runs it resumed (kept in `run_dir`).
-
-    A resumed run logs only its own steps, and a rerun of a finished run logs none; the rows of earlier
-    runs with the same settings (`key`) fill in the steps before this run's first.
-    """
-    path = run_dir / "history.json"
-    earlier = []
-    if path.exists():
-        saved = json.loads(path.read_text())
-        first = history[0]["step"] if history else float("inf")
-        earlier = [row for row in saved["rows"] if row["step"] < first] if saved.get("key") == key else []
-    rows = earlier + history
-    write_json(path, {"key": key, "rows": rows})
-    return rows
 
 
 def summarise(history: list[dict], train_params: TrainParams, num_clips: int, window: int = 5) -> dict:

@@ -26,6 +26,8 @@ TINY = {
     "pretrain": {"num_frames": 4, "input_size": 32, "decoder_dim": 16, "decoder_depth": 1,
                  "decoder_heads": 1, "regressor_depth": 1, "depth": 1, "sample_clips": 1,
                  "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1}},
+    "finetune": {"num_frames": 4, "frame_step": 1, "input_size": 32, "eval_clips": 1, "eval_crops": 1,
+                 "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1}},
 }
 
 
@@ -59,7 +61,8 @@ def test_dvc_repro_then_status_clean(tmp_path):
     targets = zarr.open_group(str(repo / "data/targets.zarr"), mode="r")
     assert targets["codes"].shape == (4, 4, 2, 2) and targets["rgb_diff"].shape == (4, 3, 32, 32, 3)
     for out in ("artifacts/tokenizer/vqgan.pt", "metrics/tokenizer.json", "artifacts/pretrain/encoder.pt",
-                "metrics/pretrain.json", "reports/pretrain/history.csv"):
+                "metrics/pretrain.json", "reports/pretrain/history.csv", "metrics/finetune.json",
+                "reports/finetune/confusion.png"):
         assert (repo / out).is_file(), out
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=repo, env=env, capture_output=True,
                             text=True)

@@ -1,0 +1,322 @@
+"""finetune: fine-tune (or linearly probe) a video encoder for action recognition, and evaluate it.
+
+Inputs: `paths.clips` (labelled clips only: train split to train, `eval_split` to evaluate; unlabelled
+clips are left out) and, with `init: pretrain`, `artifacts/pretrain/encoder.pt`. `init` may instead be
+`scratch` or a path to our encoder checkpoint or a published VideoMAE checkpoint (converted key by key,
+with a report of matched, missing and ignored keys). Clip length and resolution may differ from
+pre-training: our 3-D sin-cos table is regenerated, a VideoMAE table is interpolated.
+Model: encoder on all tokens -> mean pooling -> LayerNorm -> linear head (init scale 0.001).
+Recipe (VideoMAE's): layer-wise lr decay, drop path, label smoothing, mixup/cutmix, optional
+RandAugment, warm-up + cosine on the shared loop (resume, DDP, bf16). `mode: linear` freezes the encoder.
+Evaluation (VideoMAE's multi-view testing): every stored clip of a video x `eval_clips` temporal windows x
+`eval_crops` spatial crops, softmax scores averaged per video; top-1, top-5, per-class accuracy, confusion
+matrix (and the single-view top-1 for comparison).
+Outputs: `artifacts/finetune/` (classifier.pt, init_report.json), `metrics/finetune.json`,
+`reports/finetune/` (history.csv, confusion.png, predictions.json); resumable state in `runs/finetune/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+from timm.loss import SoftTargetCrossEntropy
+
+from models.classifier import VideoClassifier, classifier_config, layer_decay_param_groups, save_classifier
+from models.encoder_io import FORMAT as ENCODER_FORMAT
+from models.encoder_io import EncoderCheckpointError, load_encoder
+from models.video_vit import build_encoder
+from models.videomae_convert import VideoMAEConversionError, load_head, load_videomae_encoder
+from pipeline.atomic import atomic_dir, atomic_file, write_json
+from pipeline.classify_data import ClipSpec, EvalViews, TrainClips, store_info
+from pipeline.classify_eval import ViewScores, average_per_video, classification_metrics, confusion_image, score_views
+from pipeline.errors import StageError
+from pipeline.mixup import VideoMixup
+from pipeline.params import Paths, StageParams
+from pipeline.tracking import current
+from pipeline.training import TrainParams, stage_train_params, whole_history, autocast_dtype, init_distributed, train, write_history
+
+log = logging.getLogger(__name__)
+
+# CPU demo: lr = 0.032 x 8 / 256 = 1e-3 at the head (VideoMAE's ViT-B: 1e-3 x 512 / 256), decayed per
+# layer below it.
+TRAIN_DEFAULTS = TrainParams(steps=200, batch_size=8, base_lr=0.032, betas=(0.9, 0.999), weight_decay=0.05,
+                             warmup_steps=20, checkpoint_every=50, log_every=10)
+# Params that change only the evaluation: a finished training run is reused, not repeated, when they change.
+EVAL_ONLY = frozenset({"eval_split", "eval_clips", "eval_crops", "eval_resize", "eval_batch_size"})
+StageTrainParams = stage_train_params(TRAIN_DEFAULTS)
+
+
+class Params(StageParams):
+    mode: Literal["full", "linear"] = Field("full", description="full: fine-tune everything; linear: "
+                                            "train only the pooled LayerNorm + head on a frozen encoder")
+    init: str = Field("pretrain", min_length=1, description="pretrain (artifacts/pretrain/encoder.pt), "
+                      "scratch, or a path to our encoder checkpoint or a VideoMAE checkpoint")
+    model: Literal["tiny", "small", "base", "large"] = Field("tiny", description="encoder size (init: scratch)")
+    depth: int | None = Field(4, ge=1, description="override the size's depth (init: scratch)")
+    embed_dim: int | None = Field(None, ge=8, description="override the size's width (init: scratch)")
+    num_heads: int | None = Field(None, ge=1, description="override the size's heads (init: scratch)")
+    patch_size: int = Field(16, ge=1, description="tubelet side in pixels (init: scratch)")
+    tubelet_size: int = Field(2, ge=1, description="tubelet length in frames (init: scratch)")
+    num_frames: int = Field(8, ge=1, description="frames per input clip")
+    frame_step: int = Field(1, ge=1, description="take every n-th stored frame (pretrain takes every one)")
+    input_size: int = Field(112, ge=8, description="input crop side in pixels")
+    input_norm: Literal["auto", "none", "imagenet"] = Field("auto", description="input normalisation; auto: "
+                                                            "none ([0, 1]) for our pre-trained encoders, as "
+                                                            "pretrain feeds them, imagenet for scratch and VideoMAE")
+    drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate of the last block")
+    head_dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
+    head_init_scale: float = Field(0.001, gt=0, description="scale of the head's initial weights")
+    layer_decay: float = Field(0.75, gt=0, le=1, description="lr x decay^(depth - i) for block i")
+    label_smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing of the soft targets")
+    mixup: float = Field(0.8, ge=0, description="mixup beta alpha (0: off)")
+    cutmix: float = Field(1.0, ge=0, description="cutmix beta alpha (0: off)")
+    mixup_prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch")
+    mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="probability of cutmix when both are on")
+    crop_scale: tuple[float, float] = Field((0.4, 1.0), description="area fraction of random resized crops")
+    flip: bool = Field(False, description="random horizontal flips (wrong for direction-defined classes)")
+    rand_augment: bool = Field(False, description="RandAugment, one op sequence per clip")
+    rand_augment_ops: int = Field(2, ge=1, description="RandAugment ops per clip")
+    rand_augment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment magnitude")
+    epochs: float | None = Field(None, gt=0, description="if set, train.steps = ceil(epochs x train clips "
+                                 "/ train.batch_size)")
+    eval_split: Literal["val", "test"] = Field("val", description="split evaluated")
+    eval_clips: int = Field(2, ge=1, description="temporal windows per stored clip at evaluation "
+                            "(VideoMAE's num_clips), spread evenly over it")
+    eval_crops: int = Field(3, ge=1, description="spatial crops per temporal window at evaluation "
+                            "(VideoMAE's num_crops), spread along the width")
+    eval_resize: float | None = Field(8 / 7, ge=1, description="evaluation frames are resized to a short side "
+                                      "of eval_resize x input_size before cropping (VideoMAE: 256/224 = 8/7); "
+                                      "null: crop at the stored scale")
+    eval_batch_size: int = Field(16, ge=1, description="views per evaluation batch")
+    videomae_num_frames: int = Field(16, ge=1, description="frames a VideoMAE checkpoint was trained on")
+    videomae_input_size: int = Field(224, ge=8, description="resolution a VideoMAE checkpoint was trained at")
+    videomae_num_heads: int | None = Field(None, ge=1, description="heads of a VideoMAE checkpoint of "
+                                           "unpublished width (null: from its width)")
+    train: StageTrainParams = Field(TRAIN_DEFAULTS, description="optimisation (the shared loop's params)")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_is_a_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"must be (low, high) with 0 < low <= high <= 1, got {value}")
+        return value
+
+    def clip_spec(self) -> ClipSpec:
+        return ClipSpec(self.num_frames, self.frame_step, self.input_size)
+
+
+def run(params: Params, *, clips: Path, encoder: Path, artifacts: Path, run_dir: Path, metrics: Path,
+        reports: Path) -> dict[str, Path]:
+    """Fine-tune on the train split of `clips` from `encoder` (or as `params.init` says), evaluate,
+    and write the classifier, metrics and reports."""
+    info = store_info(clips, params.clip_spec())
+    train_set = TrainClips(clips, "train", params.clip_spec(), scale=params.crop_scale, flip=params.flip,
+                           rand_augment=(params.rand_augment_ops, params.rand_augment_magnitude)
+                           if params.rand_augment else None)
+    train_params = resolve_steps(params, len(train_set))
+    place = init_distributed()
+    torch.manual_seed(train_params.seed)
+    source = init_source(params, encoder)
+    model, encoder_config, init_report = build_model(params, source, len(info.class_names))
+    if place.is_main:
+        log.info("fine-tuning (%s, init %s) on %d clips of %d classes for %d steps", params.mode,
+                 init_report["init"], len(train_set), len(info.class_names), train_params.steps)
+        current().log_metrics({"data/train_clips": len(train_set), "data/classes": len(info.class_names),
+                               "data/steps": train_params.steps})
+    mixup = VideoMixup(len(info.class_names), params.mixup, params.cutmix, params.mixup_prob,
+                       params.mixup_switch_prob, params.label_smoothing)
+    groups = layer_decay_param_groups(model, train_params.weight_decay, params.layer_decay)
+    tick, key = time.perf_counter(), fingerprint(params, source, info, len(train_set))
+    result = train(model, train_set, classification_loss, train_params, run_dir, param_groups=groups,
+                   collate_fn=mixup, fingerprint=key, unit="clip")
+    train_seconds = time.perf_counter() - tick
+    outputs = {"artifacts": artifacts, "metrics": metrics, "reports": reports}
+    if not place.is_main:
+        return outputs
+    # a resumed run logs only its own steps: keep the earlier runs' rows so history.csv is whole
+    history = whole_history(run_dir, result.history, json.dumps(
+        [key, train_params.model_dump(mode="json", exclude={"stop_after", "workers"})], sort_keys=True))
+    if not result.completed:
+        log.info("stopped after step %d of %d (train.stop_after); rerun to continue", result.step, train_params.steps)
+        return outputs
+    tick = time.perf_counter()
+    views = evaluate(result.model, clips, params, train_params)
+    summary = {**classification_metrics(views, info.class_names), "mode": params.mode, "init": init_report["init"],
+               "train_steps": train_params.steps, "train_clips": len(train_set),
+               "train_seconds": round(train_seconds, 2), "eval_seconds": round(time.perf_counter() - tick, 2),
+               "final_train_loss": history[-1]["loss"] if history else None}
+    write_outputs(result.model, views, summary, history, info.class_names, outputs,
+                  config=classifier_config(result.model, encoder_config, info.class_names), init_report=init_report)
+    log.info("finetune: top-1 %.3f, top-%d %.3f over %d %s videos (%d views each); train %.0f s",
+             summary["top1"], min(5, len(info.class_names)), summary[f"top{min(5, len(info.class_names))}"],
+             summary["videos"], params.eval_split, summary["views_per_video"], train_seconds)
+    return outputs
+
+
+def run_stage(params: Params, paths: Paths) -> dict[str, Path]:
+    return run(params, clips=paths.clips, encoder=paths.artifacts / "pretrain" / "encoder.pt",
+               artifacts=paths.artifacts / "finetune", run_dir=paths.runs / "finetune",
+               metrics=paths.metrics / "finetune.json", reports=paths.reports / "finetune")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def init_source(params: Params, encoder: Path) -> Path | None:
+    """The checkpoint to start from: None for scratch, the pre-trained encoder, or the given path."""
+    if params.init == "scratch":
+        return None
+    path = encoder if params.init == "pretrain" else Path(params.init)
+    if not path.exists():
+        hint = " (run `mam2 pretrain` first, or set finetune.init=scratch)" if params.init == "pretrain" else ""
+        raise FileNotFoundError(f"finetune.init: checkpoint not found: {path}{hint}")
+    return path
+
+
+def scratch_config(params: Params) -> dict[str, Any]:
+    """`build_encoder` kwargs of a randomly initialised encoder (the same keys pretrain records)."""
+    overrides = {k: getattr(params, k) for k in ("depth", "embed_dim", "num_heads") if getattr(params, k)}
+    return {"name": params.model, "img_size": params.input_size, "num_frames": params.num_frames,
+            "patch_size": params.patch_size, "tubelet_size": params.tubelet_size, **overrides}
+
+
+def build_model(params: Params, source: Path | None, num_classes: int
+                ) -> tuple[VideoClassifier, dict[str, Any], dict[str, Any]]:
+    """The classifier, its encoder's build config, and a report of how the encoder was initialised."""
+    drop_path = 0.0 if params.mode == "linear" else params.drop_path
+    size = {"img_size": params.input_size, "num_frames": params.num_frames}
+    head_kw = {"head_init_scale": params.head_init_scale, "head_dropout": params.head_dropout}
+    try:
+        if source is None:
+            config = scratch_config(params)
+            model = VideoClassifier(build_encoder(**config, drop_path_rate=drop_path), num_classes,
+                                    input_norm=input_norm(params, "imagenet"), **head_kw)
+            report: dict[str, Any] = {"init": "scratch"}
+        elif is_our_encoder(source):
+            encoder, config = load_encoder(source, **size, drop_path_rate=drop_path)
+            model = VideoClassifier(encoder, num_classes, input_norm=input_norm(params, "none"), **head_kw)
+            report = {"init": str(source), "format": ENCODER_FORMAT, "keys": len(encoder.state_dict())}
+        else:
+            encoder, config, head, conversion = load_videomae_encoder(
+                source, **size, source_num_frames=params.videomae_num_frames,
+                source_img_size=params.videomae_input_size, num_heads=params.videomae_num_heads,
+                drop_path_rate=drop_path)
+            model = VideoClassifier(encoder, num_classes, input_norm=input_norm(params, "imagenet"), **head_kw)
+            load_head(model, head, conversion)
+            log.info("%s", conversion.summary())
+            report = {"init": str(source), "format": "videomae", **conversion.as_dict()}
+    except (EncoderCheckpointError, VideoMAEConversionError, ValueError) as err:
+        raise StageError(f"finetune.init={params.init}: {err}") from err
+    config = {**config, "drop_path_rate": 0.0}  # a saved classifier is for inference
+    if params.mode == "linear":
+        model.freeze_encoder()
+    return model, config, report
+
+
+def input_norm(params: Params, auto: str) -> str:
+    """The input normalisation: as set, or for `auto` the one the encoder was (or, from scratch, is best)
+    trained with. Centred inputs matter from scratch: [0, 1] clips learn motion far more slowly."""
+    return auto if params.input_norm == "auto" else params.input_norm
+
+
+def is_our_encoder(path: Path) -> bool:
+    """Whether `path` is a `models.encoder_io` checkpoint (else it is taken for a VideoMAE one); our other
+    checkpoint kinds (pretrain's model.pt, a classifier) are refused with a pointer to the right file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise StageError(f"finetune.init: {path} is not a readable torch checkpoint ({err})") from err
+    kind = state.get("format") if isinstance(state, dict) else None
+    if isinstance(kind, str) and kind.startswith("mam2.") and kind != ENCODER_FORMAT:
+        raise StageError(f"finetune.init: {path} is a {kind} checkpoint; give an encoder checkpoint "
+                         f"({ENCODER_FORMAT}, e.g. artifacts/pretrain/encoder.pt) or a VideoMAE one")
+    return kind == ENCODER_FORMAT
+
+
+def classification_loss(model: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+    """Soft-target cross-entropy (mixup + label smoothing) and accuracy against the unmixed labels."""
+    logits = model(batch["clip"])
+    loss = SoftTargetCrossEntropy()(logits.float(), batch["target"])
+    return {"loss": loss, "acc": (logits.argmax(dim=-1) == batch["label"]).float().mean()}
+
+
+def resolve_steps(params: Params, num_clips: int) -> TrainParams:
+    """The train params with `steps` derived from `epochs` when that is set."""
+    if params.epochs is None:
+        return params.train
+    return params.train.model_copy(update={"steps": max(1, math.ceil(params.epochs * num_clips /
+                                                                      params.train.batch_size))})
+
+
+def fingerprint(params: Params, source: Path | None, info, num_clips: int) -> str:
+    """Identifies a run's state: other model/data settings or another init file start afresh."""
+    stat = source.stat() if source is not None else None
+    blob = json.dumps([params.model_dump(mode="json", exclude={"train", *EVAL_ONLY}),
+                       str(source), stat and [stat.st_size, stat.st_mtime_ns], info.class_names, num_clips],
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- evaluation and outputs
+
+
+def evaluate(model: VideoClassifier, clips: Path, params: Params, train_params: TrainParams) -> ViewScores:
+    """Softmax scores of every (stored clip x crop) view of the evaluation split."""
+    short_side = None if params.eval_resize is None else round(params.eval_resize * params.input_size)
+    views = EvalViews(clips, params.eval_split, params.clip_spec(), num_clips=params.eval_clips,
+                      num_crops=params.eval_crops, short_side=short_side)
+    device = next(model.parameters()).device
+    return score_views(model, views, batch_size=params.eval_batch_size, device=device,
+                       workers=train_params.workers, autocast_dtype=autocast_dtype(train_params, device))
+
+
+def write_outputs(model: VideoClassifier, views: ViewScores, summary: dict, history: list[dict],
+                  class_names: list[str], out: dict[str, Path], *, config: dict, init_report: dict) -> None:
+    """Classifier + init report, metrics JSON, history, confusion image and per-video predictions."""
+    with atomic_dir(out["artifacts"]) as tmp:
+        save_classifier(model, config, tmp / "classifier.pt")
+        write_json(tmp / "init_report.json", init_report)
+    image = confusion_image(np.asarray(summary["confusion"]), class_names)
+    with atomic_dir(out["reports"]) as tmp:
+        write_history(history, tmp / "history.csv")
+        _save_png(image, tmp / "confusion.png")
+        write_json(tmp / "predictions.json", predictions(views, class_names))
+    write_json(out["metrics"], summary)
+    k = min(5, len(class_names))
+    tracker = current()
+    tracker.log_metrics({"val/top1": summary["top1"], f"val/top{k}": summary[f"top{k}"],
+                         "val/top1_single_view": summary["top1_single_view"],
+                         **{f"val/acc_{name}": acc for name, acc in summary["per_class"].items() if acc is not None}})
+    tracker.log_image(image, "finetune/confusion.png")
+    tracker.log_artifact(out["metrics"])
+    tracker.log_artifact(out["reports"], "finetune")
+
+
+def predictions(views: ViewScores, class_names: list[str]) -> list[dict]:
+    """Per video: true and predicted class and the averaged score of the prediction."""
+    ids, scores, labels = average_per_video(views)
+    pred = scores.argmax(axis=1)
+    return [{"video": int(v), "label": class_names[int(y)], "pred": class_names[int(p)],
+             "score": round(float(s[p]), 4)} for v, s, y, p in zip(ids, scores, labels, pred, strict=True)]
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    with atomic_file(path) as tmp:
+        Image.fromarray(image).save(tmp, format="PNG")
+
+
+if __name__ == "__main__":
+    from pipeline.cli import stage_main
+
+    raise SystemExit(stage_main("finetune"))
