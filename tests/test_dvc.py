@@ -1,5 +1,5 @@
-"""`dvc repro` runs the whole pipeline in a temporary copy of the repo on tiny params, and afterwards
-`dvc status` is clean."""
+"""`dvc repro` runs the MAM2 branch (demo_data to finetune) in a temporary copy of the repo on tiny
+params, and afterwards `dvc status` is clean."""
 
 from __future__ import annotations
 
@@ -52,7 +52,9 @@ def test_dvc_repro_then_status_clean(tmp_path):
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
            "MAM2_TRACKING": "0"}
-    repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=env,
+    # The MAM2 branch end to end; the motion branch runs end to end on tiny data in
+    # tests/stages/test_motion_pretrain.py (test_the_whole_branch_runs_on_tiny_data).
+    repro = subprocess.run([str(BIN / "dvc"), "repro", "finetune"], cwd=repo, env=env,
                            capture_output=True, text=True)
     assert repro.returncode == 0, repro.stdout + repro.stderr
     store = zarr.open_group(str(repo / "data/clips.zarr"), mode="r")
@@ -64,6 +66,6 @@ def test_dvc_repro_then_status_clean(tmp_path):
                 "metrics/pretrain.json", "reports/pretrain/history.csv", "metrics/finetune.json",
                 "reports/finetune/confusion.png"):
         assert (repo / out).is_file(), out
-    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=repo, env=env, capture_output=True,
+    status = subprocess.run([str(BIN / "dvc"), "status", "finetune"], cwd=repo, env=env, capture_output=True,
                             text=True)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
