@@ -202,6 +202,30 @@ class VQGAN(nn.Module):
         return torch.bincount(codes.flatten(), minlength=self.codebook_size)
 
     @torch.no_grad()
+    def init_codebook_kmeans(self, vectors: Tensor, iterations: int = 20,
+                             generator: torch.Generator | None = None) -> None:
+        """Set the codebook to k-means centroids of `vectors` (n, D) (Lloyd's algorithm, seeded rows).
+
+        After an autoencoder warm-up the codes start where the encoder's outputs are: initialised at
+        random, nearly all of them lose every nearest-neighbour contest, the commitment loss drags
+        the encoder onto the few that win and the decoder sees a constant (measured on the demo
+        clips: flat grey reconstructions, 24% of codes used; with this, 88% and the warm-up's PSNR).
+        """
+        k = self.codebook_size
+        if vectors.ndim != 2 or vectors.shape[0] < k:
+            raise ValueError(f"k-means needs at least {k} vectors (n, {self.config.embed_dim}), "
+                             f"got {tuple(vectors.shape)}")
+        vectors = vectors.float()
+        centroids = vectors[torch.randperm(vectors.shape[0], generator=generator)[:k]].clone()
+        for _ in range(iterations):
+            nearest = torch.cdist(vectors, centroids).argmin(dim=1)
+            sums = torch.zeros_like(centroids).index_add_(0, nearest, vectors)
+            counts = torch.bincount(nearest, minlength=k).unsqueeze(1)
+            centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)  # empty: keep
+        weight = self.quantize.embedding.weight
+        weight.copy_(centroids.to(weight.dtype))
+
+    @torch.no_grad()
     def reinit_dead_codes(self, usage: Tensor, latent: Tensor, min_usage: int = 1,
                           generator: torch.Generator | None = None) -> int:
         """Move codes used fewer than `min_usage` times onto random encoder outputs; returns how many.

@@ -3,9 +3,11 @@
 With `tokenizer.checkpoint` set, a trained VQGAN is validated and loaded: an official taming `.ckpt`
 (with `tokenizer.config`, its `.yaml`) or a file in our own format. Otherwise a small VQGAN (preset
 `tiny_f16` by default) trains on random crops of random frames of the train-split clips: reconstruction
-(L1 or L2) + codebook + commitment losses, dead codes re-seeded on encoder outputs so the codebook stays
-in use, and optionally taming's PatchGAN discriminator with a hinge loss after a warm-up. Training runs in
-the shared loop, so a killed run resumes from `runs/tokenizer/`.
+(L1 or L2) + codebook + commitment losses. The first `autoencoder_steps` bypass the quantiser, then the
+codebook starts at k-means centroids of the encoder's recent outputs (a random codebook collapses onto a
+few codes); dead codes are re-seeded on encoder outputs so the codebook stays in use; optionally
+taming's PatchGAN discriminator with a hinge loss after a warm-up. Training runs in the shared loop,
+so a killed run resumes from `runs/tokenizer/`.
 Input: `paths.clips`. Outputs: `artifacts/tokenizer/vqgan.pt` (models.vqgan.save_vqgan format, whatever
 the source), `metrics/tokenizer.json` (held-out reconstruction PSNR against predicting the mean frame,
 codebook usage and perplexity), `reports/tokenizer/` (originals-vs-reconstructions grid, training curve).
@@ -32,7 +34,8 @@ from pydantic import Field, model_validator
 from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
 from torch import Tensor, nn
 
-from models.vqgan import VQGAN, CheckpointError, VQGANConfig, load_taming_checkpoint, load_vqgan, save_vqgan
+from models.vqgan import (VQGAN, CheckpointError, VQGANConfig, VQGANOutput, load_taming_checkpoint, load_vqgan,
+                          save_vqgan)
 from pipeline.atomic import atomic_dir, atomic_file, write_json
 from pipeline.errors import StageError
 from pipeline.frames_dataset import (FramesDataset, centre_crop_size, from_vqgan, held_out_frames,
@@ -65,6 +68,9 @@ class Params(StageParams):
     flip: bool = Field(True, description="mirror half of the training crops")
     recon_loss: Literal["l1", "l2"] = Field("l2", description="pixel reconstruction loss")
     codebook_weight: float = Field(1.0, ge=0, description="weight of codebook + 0.25 x commitment loss")
+    autoencoder_steps: int = Field(100, ge=0, description="steps trained as a plain autoencoder "
+                                   "(quantiser bypassed) before the codebook starts at k-means "
+                                   "centroids of the encoder's recent outputs (0: random codebook)")
     reinit_every: int = Field(20, ge=0, description="steps between re-seeding codes unused since the "
                               "last re-seeding on encoder outputs (0: never)")
     discriminator: bool = Field(False, description="add taming's PatchGAN hinge loss after disc_start")
@@ -198,7 +204,8 @@ class TokenizerObjective(nn.Module):
     loss on detached reconstructions; the generator's adversarial term runs it with detached weights, so
     each loss moves only its own network although one optimiser steps both. Code usage is counted in a
     buffer (saved with the checkpoint, so a resumed run re-seeds at the same steps); every `reinit_every`
-    steps the codes nobody picked since the last re-seeding move onto current encoder outputs.
+    steps the codes nobody picked since the last re-seeding move onto current encoder outputs. Before
+    all that, `autoencoder_steps` bypass the quantiser and end with the k-means codebook.
     """
 
     def __init__(self, vqgan: VQGAN, params: Params, accumulation: int = 1) -> None:
@@ -210,14 +217,29 @@ class TokenizerObjective(nn.Module):
         self.reinit_period = params.reinit_every * accumulation
         self.disc_start = params.disc_start * accumulation
         self.register_buffer("usage", torch.zeros(vqgan.codebook_size, dtype=torch.long))
+        self.autoencoder_steps = params.autoencoder_steps * accumulation
+        # The warm-up's latest encoder outputs (a ring), for the k-means codebook; in the checkpoint,
+        # so a resumed run initialises the same codebook.
+        self.register_buffer("recent_latents", torch.zeros(
+            (4 * vqgan.codebook_size if params.autoencoder_steps else 0, vqgan.config.embed_dim)))
+        self.register_buffer("recent_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("micro_steps", torch.zeros((), dtype=torch.long))
 
     def forward(self, frames: Tensor) -> dict[str, Tensor]:
         step = int(self.micro_steps)
         logs: dict[str, Tensor] = {}
-        if self.reinit_period and step and step % self.reinit_period == 0:
+        warming_up = step < self.autoencoder_steps
+        if self.autoencoder_steps and step == self.autoencoder_steps:
+            self._init_codebook()
+        elif not warming_up and self.reinit_period and (step - self.autoencoder_steps) \
+                and (step - self.autoencoder_steps) % self.reinit_period == 0:
             logs["codes_reseeded"] = torch.tensor(float(self._reseed_dead_codes(frames)))
-        out = self.vqgan(frames)
+        if warming_up:  # plain autoencoder: the quantiser is bypassed
+            latent = self.vqgan.encode_to_latent(frames)
+            out = VQGANOutput(self.vqgan.decode_latent(latent), latent.new_zeros(()), None, latent)
+            self._remember(latent.detach())
+        else:
+            out = self.vqgan(frames)
         error = out.recon - frames
         mse = error.square().mean()
         recon = mse if self.params.recon_loss == "l2" else error.abs().mean()
@@ -228,9 +250,32 @@ class TokenizerObjective(nn.Module):
             adversarial, disc_logs = self._adversarial(frames, out.recon, recon)
             loss = loss + adversarial
             logs.update(disc_logs)
-        self.usage += self.vqgan.code_usage(out.codes)
+        if out.codes is not None:
+            self.usage += self.vqgan.code_usage(out.codes)
         self.micro_steps += 1
         return {"loss": loss, **logs}
+
+    def _remember(self, latent: Tensor) -> None:
+        """Push this batch's latent vectors into the ring of recent ones."""
+        vectors = rearrange(latent, "b d h w -> (b h w) d")[-len(self.recent_latents):]
+        start = int(self.recent_count) % len(self.recent_latents)
+        slots = (start + torch.arange(len(vectors), device=vectors.device)) % len(self.recent_latents)
+        self.recent_latents[slots] = vectors.to(self.recent_latents.dtype)
+        self.recent_count += len(vectors)
+
+    @torch.no_grad()
+    def _init_codebook(self) -> None:
+        """k-means codebook from the warm-up's recent latents; under DDP rank 0 decides for all."""
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            vectors = self.recent_latents[:int(self.recent_count)]
+            if len(vectors) < self.vqgan.codebook_size:
+                raise StageError(f"tokenizer.autoencoder_steps={self.params.autoencoder_steps} saw "
+                                 f"{len(vectors)} latent vectors, fewer than the {self.vqgan.codebook_size} "
+                                 "codes: raise it or the batch size")
+            generator = torch.Generator().manual_seed(int(self.micro_steps))
+            self.vqgan.init_codebook_kmeans(vectors.cpu(), generator=generator)
+        if dist.is_initialized():
+            dist.broadcast(self.vqgan.quantize.embedding.weight.data, 0)
 
     @torch.no_grad()
     def _reseed_dead_codes(self, frames: Tensor) -> int:
@@ -273,7 +318,7 @@ def train_tokenizer(params: Params, clips: Path, rows: np.ndarray, run_dir: Path
 def _fingerprint(params: Params, clips: Path, rows: np.ndarray) -> str:
     """What a resumable checkpoint must share with this run besides the train params."""
     model_keys = {"preset", "codebook_size", "crop_size", "flip", "recon_loss", "codebook_weight",
-                  "reinit_every", "discriminator", "disc_start", "disc_weight", "disc_layers"}
+                  "autoencoder_steps", "reinit_every", "discriminator", "disc_start", "disc_weight", "disc_layers"}
     blob = json.dumps([params.model_dump(mode="json", include=model_keys), str(Path(clips).resolve()),
                        rows.tolist()], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

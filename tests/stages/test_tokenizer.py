@@ -153,7 +153,10 @@ def test_tokenizer_on_demo_sized_clips(tmp_path):
 
 def test_stopped_run_resumes_to_the_same_model(tmp_path):
     clips = make_clips_store(tmp_path / "clips.zarr", num_clips=4, num_frames=2, size=16)
-    settings = {"codebook_size": 16, "crop_size": 16, "reinit_every": 2, "val_frames": 4}
+    # 4 autoencoder steps x 4 one-code crops = the 16 vectors the k-means codebook needs; the cut at
+    # step 3 falls inside the warm-up, so the resumed run must rebuild the same k-means codebook.
+    settings = {"codebook_size": 16, "crop_size": 16, "reinit_every": 2, "val_frames": 4,
+                "autoencoder_steps": 4}
     train = {"steps": 6, "batch_size": 4, "warmup_steps": 2, "checkpoint_every": 100}
     full = tokenize(tmp_path / "full", clips, **settings, train=train)
     first = tokenize(tmp_path / "cut", clips, **settings, train={**train, "stop_after": 3})
@@ -168,7 +171,8 @@ def test_discriminator_learns_only_from_its_own_loss():
     config = VQGANConfig(embed_dim=8, n_embed=16, z_channels=8, resolution=16, ch=32, ch_mult=(1, 2),
                          num_res_blocks=1)
     objective = TokenizerObjective(VQGAN(config), Params(discriminator=True, disc_start=1, disc_layers=2,
-                                                         crop_size=16, reinit_every=0))
+                                                         crop_size=16, reinit_every=0,
+                                                         autoencoder_steps=0))
     frames = torch.rand(4, 3, 16, 16) * 2 - 1
     before = objective(frames)  # step 0: warm-up, no adversarial terms
     assert "d_loss" not in before
@@ -194,7 +198,8 @@ def test_discriminator_learns_only_from_its_own_loss():
 
 def test_dead_codes_are_reseeded_on_schedule():
     torch.manual_seed(0)
-    objective = TokenizerObjective(VQGAN(VQGANConfig.tiny_f16()), Params(reinit_every=2, crop_size=16),
+    objective = TokenizerObjective(VQGAN(VQGANConfig.tiny_f16()), Params(reinit_every=2, crop_size=16,
+                                                                             autoencoder_steps=0),
                                    accumulation=1)
     frames = torch.rand(2, 3, 32, 32) * 2 - 1
     assert "codes_reseeded" not in objective(frames) and "codes_reseeded" not in objective(frames)
@@ -202,3 +207,30 @@ def test_dead_codes_are_reseeded_on_schedule():
     logs = objective(frames)  # third call: step 2, re-seeds what the first two batches left unused
     assert 512 - 16 <= float(logs["codes_reseeded"]) < 512
     assert int(objective.usage.sum()) == 8 and int(objective.micro_steps) == 3
+
+
+def test_autoencoder_warm_up_then_k_means_codebook():
+    """Warm-up steps bypass the quantiser; then the codebook starts at k-means centroids of the
+    warm-up's latents, so (unlike a random codebook) nearly every code wins some latent."""
+    torch.manual_seed(0)
+    config = VQGANConfig(embed_dim=8, n_embed=16, z_channels=8, resolution=16, ch=32, ch_mult=(1, 2),
+                         num_res_blocks=1, norm_groups=1)
+    objective = TokenizerObjective(VQGAN(config), Params(autoencoder_steps=2, reinit_every=0, crop_size=16))
+    frames = torch.rand(4, 3, 16, 16) * 2 - 1  # 4 frames x 8x8 latents = 256 vectors per step
+    random_codebook = objective.vqgan.quantize.embedding.weight.clone()
+    for _ in range(2):
+        logs = objective(frames)
+        assert float(logs["codebook"]) == 0 and int(objective.usage.sum()) == 0  # no quantiser yet
+    assert torch.equal(objective.vqgan.quantize.embedding.weight, random_codebook)
+    latents = objective.recent_latents[:int(objective.recent_count)].clone()
+    objective(frames)  # step 2: the codebook is initialised, then used
+    codebook = objective.vqgan.quantize.embedding.weight
+    assert not torch.equal(codebook, random_codebook)
+    nearest = torch.cdist(latents, codebook).argmin(dim=1)
+    assert len(torch.unique(nearest)) >= 14  # k-means centroids each own some of the latents
+    for code in torch.unique(nearest)[:4]:  # and sit near the mean of what they own
+        assert torch.allclose(codebook[code], latents[nearest == code].mean(0), atol=0.05)
+    with pytest.raises(StageError, match="autoencoder_steps"):
+        few = TokenizerObjective(VQGAN(config), Params(autoencoder_steps=1, reinit_every=0, crop_size=16))
+        few(frames[:1, :, :4, :4])  # 4 latent vectors (f = 2), 16 codes
+        few(frames[:1, :, :4, :4])
