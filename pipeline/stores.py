@@ -61,3 +61,23 @@ def open_clips(path: Path | str, mode: str = "r") -> zarr.Group:
     if "frames" not in group:
         raise FileNotFoundError(f"{path} is not a clips store (no `frames` array)")
     return group
+
+
+def input_stamp(*paths: Path | str | None) -> list:
+    """What identifies a version of a stage's inputs, for the resume fingerprints of training stages.
+
+    A store or file that a stage upstream rebuilt (stores are renamed into place whole) has a new
+    modification time, so a finished checkpoint of the old inputs is not mistaken for this run's
+    (DVC reruns a stage because its inputs changed; without this the run would "resume" its old
+    result). Stores: their root `zarr.json`; files: themselves; missing paths: None.
+    """
+    stamps = []
+    for path in paths:
+        if path is None:
+            stamps.append(None)
+            continue
+        path = Path(path)
+        target = path / "zarr.json" if path.is_dir() else path
+        stat = target.stat() if target.exists() else None
+        stamps.append([str(path), stat and [stat.st_size, stat.st_mtime_ns]])
+    return stamps

@@ -41,6 +41,7 @@ from pipeline.classify_eval import ViewScores, average_per_video, classification
 from pipeline.errors import StageError
 from pipeline.mixup import VideoMixup
 from pipeline.params import Paths, StageParams
+from pipeline.stores import input_stamp
 from pipeline.tracking import current
 from pipeline.training import TrainParams, stage_train_params, whole_history, autocast_dtype, init_distributed, train, write_history
 
@@ -135,7 +136,7 @@ def run(params: Params, *, clips: Path, encoder: Path, artifacts: Path, run_dir:
     mixup = VideoMixup(len(info.class_names), params.mixup, params.cutmix, params.mixup_prob,
                        params.mixup_switch_prob, params.label_smoothing)
     groups = layer_decay_param_groups(model, train_params.weight_decay, params.layer_decay)
-    tick, key = time.perf_counter(), fingerprint(params, source, info, len(train_set))
+    tick, key = time.perf_counter(), fingerprint(params, source, info, len(train_set), clips)
     result = train(model, train_set, classification_loss, train_params, run_dir, param_groups=groups,
                    collate_fn=mixup, fingerprint=key, unit="clip")
     train_seconds = time.perf_counter() - tick
@@ -257,12 +258,11 @@ def resolve_steps(params: Params, num_clips: int) -> TrainParams:
                                                                       params.train.batch_size))})
 
 
-def fingerprint(params: Params, source: Path | None, info, num_clips: int) -> str:
-    """Identifies a run's state: other model/data settings or another init file start afresh."""
-    stat = source.stat() if source is not None else None
+def fingerprint(params: Params, source: Path | None, info, num_clips: int, clips: Path) -> str:
+    """Identifies a run's state: other model/data settings, another init file or rebuilt clips start
+    afresh."""
     blob = json.dumps([params.model_dump(mode="json", exclude={"train", *EVAL_ONLY}),
-                       str(source), stat and [stat.st_size, stat.st_mtime_ns], info.class_names, num_clips],
-                      sort_keys=True)
+                       input_stamp(source, clips), info.class_names, num_clips], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

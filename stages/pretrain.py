@@ -36,6 +36,7 @@ from models.pretrain_targets import code_target, motion_target
 from models.video_vit import ENCODER_SIZES, build_encoder, split_tokens, unpatchify
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.params import Paths, StageParams
+from pipeline.stores import input_stamp
 from pipeline.pretrain_data import PretrainDataset, Sampling
 from pipeline.tensors import clip_to_tensor, tensor_to_clip, tensor_to_image
 from pipeline.tracking import current
@@ -210,7 +211,8 @@ def mam2_loss(model: torch.nn.Module, batch: dict, *, motion: bool) -> dict[str,
 def fingerprint(params: Params, dataset: PretrainDataset) -> str:
     """Identifies a run's state: a checkpoint of other model/data settings is not resumed from."""
     blob = json.dumps([params.model_dump(mode="json", exclude={"train", "sample_clips", "system_metrics_every"}),
-                       str(dataset.frames_shape), len(dataset)], sort_keys=True)
+                       str(dataset.frames_shape), len(dataset),
+                       input_stamp(dataset.clips_path, dataset.targets_path)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -41,7 +41,7 @@ from pipeline.errors import StageError
 from pipeline.frames_dataset import (FramesDataset, centre_crop_size, from_vqgan, held_out_frames,
                                      split_rows, to_vqgan)
 from pipeline.params import Paths, StageParams
-from pipeline.stores import open_clips
+from pipeline.stores import input_stamp, open_clips
 from pipeline.tracking import current
 from pipeline.training import TrainParams, stage_train_params, train, write_history
 
@@ -320,7 +320,7 @@ def _fingerprint(params: Params, clips: Path, rows: np.ndarray) -> str:
     model_keys = {"preset", "codebook_size", "crop_size", "flip", "recon_loss", "codebook_weight",
                   "autoencoder_steps", "reinit_every", "discriminator", "disc_start", "disc_weight", "disc_layers"}
     blob = json.dumps([params.model_dump(mode="json", include=model_keys), str(Path(clips).resolve()),
-                       rows.tolist()], sort_keys=True)
+                       rows.tolist(), input_stamp(clips)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
