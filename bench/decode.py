@@ -11,9 +11,7 @@ more workers to show the speed-up. Figures print last and go to bench/results/de
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_file import save_results  # noqa: E402
 os.environ.setdefault("MAM2_TRACKING", "0")
 os.environ.setdefault("MAM2_PROGRESS", "0")
 
@@ -106,10 +105,7 @@ def main() -> None:
     for workers in range(2, args.workers_max + 1):
         results[f"speedup_workers_{workers}"] = (results[f"stage_fps_workers_{workers}"]
                                                  / results["stage_fps_workers_1"])
-    device = f"cpu{os.cpu_count()}-{platform.machine()}"
-    out_file = Path(__file__).parent / "results" / f"decode-{device}.json"
-    out_file.parent.mkdir(exist_ok=True)
-    out_file.write_text(json.dumps({"device": device, **results}, indent=2) + "\n")
+    device = save_results("decode", results)
     print(f"decode benchmark on {device}: {results['videos']} videos, {frames} frames "
           f"({args.width}x{args.height} -> 128x128)")
     for key, value in results.items():

@@ -19,9 +19,7 @@ machine, worker hand-offs cost scheduling latency that can dwarf the reading its
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -33,6 +31,7 @@ import torch
 import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_file import save_results  # noqa: E402
 os.environ.setdefault("MAM2_TRACKING", "0")
 os.environ.setdefault("MAM2_PROGRESS", "0")
 
@@ -161,15 +160,12 @@ def main() -> None:
         clips = len(zarr_set)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    device = f"cpu{os.cpu_count()}-{platform.machine()}"
-    results = {"device": device, "videos": args.videos, "clips": clips, "batch": args.batch,
+    results = {"videos": args.videos, "clips": clips, "batch": args.batch,
                "source": f"{args.width}x{args.height}, {args.seconds:g} s at 25 fps", **best}
     for workers in args.workers:
         results[f"ratio_zarr_vs_decord_workers_{workers}"] = (best[f"zarr_clips_per_s_workers_{workers}"]
                                                              / best[f"decord_clips_per_s_workers_{workers}"])
-    out_file = Path(__file__).parent / "results" / f"loader-{device}.json"
-    out_file.parent.mkdir(exist_ok=True)
-    out_file.write_text(json.dumps(results, indent=2) + "\n")
+    device = save_results("loader", results)
     print(f"loader benchmark on {device}: {clips} clips of 16 x 112^2 from {args.videos} videos "
           f"({results['source']}), batch {args.batch}")
     for key, value in results.items():

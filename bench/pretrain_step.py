@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_file import save_results  # noqa: E402
 os.environ.setdefault("MAM2_TRACKING", "0")
 
 from models.mam2 import MAM2, build_mam2  # noqa: E402
@@ -222,11 +221,7 @@ def main() -> None:
     cuda = torch.cuda.is_available() and not args.cpu_only
     if cuda:
         results.update(cuda_figures(args.steps, not args.no_compile))
-    device = (f"cuda-{torch.cuda.get_device_name().replace(' ', '_')}" if cuda
-              else f"cpu{os.cpu_count()}-{platform.machine()}")
-    out_file = Path(__file__).parent / "results" / f"pretrain_step-{device}.json"
-    out_file.parent.mkdir(exist_ok=True)
-    out_file.write_text(json.dumps({"device": device, **results}, indent=2) + "\n")
+    device = save_results("pretrain_step", results, cuda=cuda)
     print(f"pretrain step benchmark on {device} (torch {torch.__version__})")
     for key, value in results.items():
         if isinstance(value, dict):

@@ -13,9 +13,7 @@ print last and go to bench/results/targets-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_file import save_results  # noqa: E402
 os.environ.setdefault("MAM2_TRACKING", "0")
 os.environ.setdefault("MAM2_PROGRESS", "0")
 
@@ -124,12 +123,7 @@ def main() -> None:
     results["ratio_stage_vs_bare"] = results["stage_fps"] / results["bare_encoder_fps"]
     if torch.cuda.is_available():
         results["official_f16_encoder_256px_bf16_fps"] = official_encoder_bf16()
-        name = torch.cuda.get_device_name().replace(" ", "_")
-    else:
-        name = f"cpu{os.cpu_count()}-{platform.machine()}"
-    out_file = Path(__file__).parent / "results" / f"targets-{name}.json"
-    out_file.parent.mkdir(exist_ok=True)
-    out_file.write_text(json.dumps({"device": name, **results}, indent=2) + "\n")
+    name = save_results("targets", results, cuda=torch.cuda.is_available())
     print(f"targets benchmark on {name}: {args.clips} clips x {args.frames} frames of "
           f"{args.size}x{args.size}, tiny_f16 tokenizer, {params.clips_per_batch} clips per batch")
     for key, value in results.items():
