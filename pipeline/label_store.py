@@ -13,7 +13,9 @@ Layout (one group; `pseudo_labels` writes labels.zarr, `densify` train_labels.za
 
 Stores are built clip by clip in a partial directory (`start_partial` / `mark_done`): each finished
 unit of work leaves a marker holding the row counts after it, so a killed run resumes by cutting
-the arrays back to the last marker (rows appended after it belong to unfinished work).
+the arrays back to the last marker (rows appended after it belong to unfinished work). Work that
+shards run side by side is written as one small store per unit instead, and `append_store` merges
+them in a fixed order.
 """
 
 from __future__ import annotations
@@ -88,6 +90,16 @@ def append_tracks(group: zarr.Group, clip: np.ndarray, start: np.ndarray, coords
     group["tracks/start"].append(np.asarray(start, np.int32))
     group["tracks/coords"].append(np.asarray(coords, np.float32))
     group["tracks/valid"].append(np.asarray(valid, bool))
+
+
+def append_store(group: zarr.Group, part: zarr.Group) -> None:
+    """Append every flow label and track sample of the label store `part` to `group` (same H, W, S, P)."""
+    for key in ("image_size", "window", "points"):
+        if part.attrs[key] != group.attrs[key]:
+            raise StageError(f"cannot merge label stores with different {key}: {part.attrs[key]} vs "
+                             f"{group.attrs[key]}")
+    append_flow(group, *(part[name][:] for name in FLOW_ARRAYS))
+    append_tracks(group, *(part[name][:] for name in TRACK_ARRAYS))
 
 
 def truncate(group: zarr.Group, flow_rows: int, track_rows: int) -> None:

@@ -1,7 +1,8 @@
 """Shards: split a data stage's work into disjoint parts that fill one shared Zarr store.
 
-A sharded stage (decode now; targets and pseudo_labels can adopt the same pattern) works in three
-steps, all on the stage's partial store (`.<name>.partial`, see pipeline.atomic):
+A sharded stage (decode, targets; pseudo_labels writes one small store per clip in its work
+directory and merges them at the end) works in three steps, all on the stage's partial store
+(`.<name>.partial`, see pipeline.atomic):
 
 1. Plan, once: the store's layout is deterministic from the inputs and params, so whichever process
    comes first creates the partial store and writes its plan under a file lock (`plan_once`); the

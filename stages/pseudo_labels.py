@@ -17,7 +17,8 @@ Length thresholds (beta, max_flow, tau) are given at the paper's resolutions and
 Inputs: the frames store, `artifacts/motion_pretrain/{flow,tracker}.pt`. Outputs: `data/labels.zarr`
 (layout in `pipeline.label_store`), `reports/pseudo_labels/` (stats.json, speed histograms PNG),
 `metrics/pseudo_labels.json` (kept fractions, and the fraction of flow pixels passing each test).
-Clip by clip, atomic, resumable after a kill.
+Clip by clip, atomic, resumable after a kill; `--shard i/n` labels every n-th clip into the shared
+work directory and the run without `--shard` merges them (the same store as one unsharded run).
 """
 
 from __future__ import annotations
@@ -35,16 +36,17 @@ from pydantic import Field, field_validator
 from models.flow import CheckpointError, estimate_flow
 from models.flow_io import load_flow_model
 from models.tracker import PointTracker, load_tracker
-from pipeline.atomic import atomic_dir, write_json
+from pipeline.atomic import atomic_dir, remove_path, write_json
 from pipeline.cycle import (FLOW_TESTS, FlowThresholds, flow_label_tests, forward_backward_tracks,
                             resolution_scale, track_cycle_mask)
 from pipeline.errors import StageError
-from pipeline.label_store import (SPEED_EDGES, append_flow, append_tracks, finish_partial, group_tracks,
-                                  iter_flow, mark_done, read_tracks, save_histogram_figure, speed_histogram,
-                                  start_partial, track_speed)
+from pipeline.label_store import (SPEED_EDGES, append_flow, append_store, append_tracks, create_label_store,
+                                  group_tracks, iter_flow, open_label_store, read_tracks, save_histogram_figure,
+                                  speed_histogram, track_speed)
 from pipeline.motion_eval import evenly_spaced
 from pipeline.params import Paths, StageParams, params_hash
 from pipeline.progress import progress
+from pipeline.shards import ProgressMarkers, Shard, finish_plan, plan_once
 from pipeline.stores import open_clips
 from pipeline.tensors import image_to_tensor
 from pipeline.tracking import current
@@ -93,11 +95,17 @@ class Params(StageParams):
 
 
 def run(params: Params, *, clips: Path, flow_model: Path, tracker: Path, labels: Path, reports: Path,
-        metrics: Path) -> dict[str, Path]:
-    """Label the clips of `clips` with `flow_model` and `tracker`; write `labels` and the reports."""
+        metrics: Path, shard: Shard | None = None) -> dict[str, Path]:
+    """Label the clips of `clips` with `flow_model` and `tracker`; write `labels` and the reports.
+
+    Each clip is labelled into a small store of its own in a work directory shared by the shards
+    (pipeline/shards.py); with `shard`, only that shard's clips are labelled and the work directory
+    is returned. The run without `shard` labels whatever is left, merges the clips in order into
+    `labels` (the same store however the work was split) and writes the reports.
+    """
     store = open_clips(clips)
     frames = store["frames"]
-    chosen = select_clips(store, params, clips)
+    chosen = [int(c) for c in select_clips(store, params, clips)]
     size = tuple(frames.shape[2:4])
     flow_net, track_net = _load_models(flow_model, tracker, params)
     window = track_net.config.window
@@ -106,23 +114,44 @@ def run(params: Params, *, clips: Path, flow_model: Path, tracker: Path, labels:
                          f"(the tracker's window) and flow pairs {params.frame_step + 1}")
     thresholds, tau = scaled_thresholds(params, size)
     attrs = {"clips": str(clips), "source": params.source, "tau": tau, **thresholds.as_dict(),
-             "labelled_clips": [int(c) for c in chosen],
-             "frame_step": params.frame_step, "params": params.model_dump(mode="json")}
-    signature = _signature(params, clips, frames.shape, flow_model, tracker)
-    with atomic_dir(labels, resume=True) as tmp:  # start_partial decides whether to continue
-        group, done = start_partial(tmp, signature, image_size=size, window=window,
-                                    points=params.points_per_sample, attrs=attrs)
-        if done:
-            log.info("resuming: %d of %d clips already labelled", len(done), len(chosen))
-        for clip in progress([int(c) for c in chosen if str(c) not in done], desc="pseudo-labels",
-                             unit="clip", total=len(chosen) - len(done)):
+             "labelled_clips": chosen, "frame_step": params.frame_step,
+             "params": params.model_dump(mode="json")}
+    work = work_dir(labels)
+    _, resumed = plan_once(work, _signature(params, clips, frames.shape, flow_model, tracker),
+                           lambda _: {"clips": chosen})
+    markers = ProgressMarkers(work)
+    mine = chosen if shard is None else shard.select(chosen)
+    todo = markers.pending(mine, key=str)
+    if resumed and len(todo) < len(mine):
+        log.info("resuming: %d of %d clips already labelled", len(mine) - len(todo), len(mine))
+    for clip in progress(todo, desc="pseudo-labels", unit="clip"):
+        with atomic_dir(part_path(work, clip)) as part_dir:
+            part = create_label_store(part_dir, image_size=size, window=window,
+                                      points=params.points_per_sample, attrs=attrs)
             video = image_to_tensor(frames[clip])  # (T, 3, H, W)
-            flow_stats = label_flow(group, clip, video, flow_net, thresholds, params)
-            track_stats = label_tracks(group, clip, video, track_net, tau, params)
-            done[str(clip)] = mark_done(tmp, str(clip), group, **flow_stats, **track_stats)
-        stats = summarise(group, list(done.values()))
+            part.attrs["stats"] = {**label_flow(part, clip, video, flow_net, thresholds, params),
+                                   **label_tracks(part, clip, video, track_net, tau, params)}
+        markers.mark_done(clip)
+    if shard is not None:
+        log.info("shard %s: %d of %d clips in %s", shard, len(mine), len(chosen), work)
+        current().log_metrics({"data/shard_clips": len(mine)})
+        return {"partial": work}
+    with atomic_dir(labels) as tmp:
+        group = create_label_store(tmp, image_size=size, window=window, points=params.points_per_sample,
+                                   attrs=attrs)
+        parts = [open_label_store(part_path(work, clip)) for clip in chosen]
+        for part in parts:
+            append_store(group, part)
+        stats = summarise(group, [part.attrs["stats"] for part in parts])
         group.attrs.update({k: v for k, v in stats.items() if k.startswith("kept_")})
-        finish_partial(tmp)
+    finish_plan(work)
+    remove_path(work)
+    return report(stats, thresholds, tau, labels=labels, reports=reports, metrics=metrics)
+
+
+def report(stats: dict, thresholds: FlowThresholds, tau: float, *, labels: Path, reports: Path,
+           metrics: Path) -> dict[str, Path]:
+    """Write stats.json, the speed histograms and the metrics; log them."""
     reports.mkdir(parents=True, exist_ok=True)
     write_json(reports / "stats.json", {**stats, "thresholds": {**thresholds.as_dict(), "tau": tau}})
     save_histogram_figure(reports / "speed_histograms.png",
@@ -140,12 +169,22 @@ def run(params: Params, *, clips: Path, flow_model: Path, tracker: Path, labels:
     return {"labels": labels, "stats": reports / "stats.json", "metrics": metrics}
 
 
-def run_stage(params: Params, paths: Paths) -> dict[str, Path]:
+def run_stage(params: Params, paths: Paths, shard: Shard | None = None) -> dict[str, Path]:
     clips = paths.clips if params.source == "clips" else paths.motion_gt / "gt.zarr"
     models = paths.artifacts / "motion_pretrain"
     return run(params, clips=clips, flow_model=models / "flow.pt", tracker=models / "tracker.pt",
                labels=paths.clips.parent / "labels.zarr", reports=paths.reports / "pseudo_labels",
-               metrics=paths.metrics / "pseudo_labels.json")
+               metrics=paths.metrics / "pseudo_labels.json", shard=shard)
+
+
+def work_dir(labels: Path) -> Path:
+    """Where the clips are labelled before the merge: a hidden sibling of `labels`, shared by shards."""
+    return labels.with_name(f".{labels.name}.shards")
+
+
+def part_path(work: Path, clip: int) -> Path:
+    """The label store of one clip inside the work directory."""
+    return work / "parts" / f"{clip}.zarr"
 
 
 def select_clips(store, params: Params, path: Path) -> np.ndarray:

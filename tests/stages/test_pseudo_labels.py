@@ -1,6 +1,6 @@
 """pseudo_labels: the labels.zarr layout, stored labels equal to the models' filtered estimates,
-thresholds scaled to the resolution, clear errors, and a run interrupted mid-way that resumes to
-the same store."""
+thresholds scaled to the resolution, clear errors, a run interrupted mid-way that resumes to the
+same store, and two shards that merge into the store of one unsharded run."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from models.tracker import PointTracker, TrackerConfig, save_tracker
 from pipeline.cycle import flow_label_mask
 from pipeline.errors import StageError
 from pipeline.label_store import append_flow, counts, mark_done, open_label_store, start_partial
+from pipeline.shards import Shard
 from pipeline.stores import create_clips_store
 from pipeline.synthetic import GT_STYLE, render_motion_clip
 from pipeline.tensors import image_to_tensor
@@ -45,9 +46,10 @@ def make_label_inputs(root: Path, num_clips: int = 2, num_frames: int = 10, size
     return {"clips": root / "clips.zarr", "flow_model": root / "flow.pt", "tracker": root / "tracker.pt"}
 
 
-def label(root: Path, inputs: dict[str, Path], name: str = "labels.zarr", **overrides) -> dict[str, Path]:
+def label(root: Path, inputs: dict[str, Path], name: str = "labels.zarr", shard: Shard | None = None,
+          **overrides) -> dict[str, Path]:
     return run(Params(**{**FAST, **overrides}), **inputs, labels=root / name, reports=root / "reports",
-               metrics=root / "metrics.json")
+               metrics=root / "metrics.json", shard=shard)
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +156,24 @@ def test_interrupted_run_resumes_to_the_same_store(tmp_path, labelled, monkeypat
         assert np.array_equal(a[name][:], b[name][:]), name
     assert a.attrs["kept_fraction_flow"] == b.attrs["kept_fraction_flow"]
     assert not (tmp_path / ".labels.zarr.partial").exists()
+    assert not (tmp_path / ".labels.zarr.shards").exists()
+
+
+def test_two_shards_then_the_merge_equal_one_unsharded_run(tmp_path, labelled):
+    _, inputs, out = labelled
+    for index in (1, 0):  # in either order
+        partial = label(tmp_path, inputs, shard=Shard(index, 2))
+        assert partial == {"partial": tmp_path / ".labels.zarr.shards"}
+        assert not (tmp_path / "labels.zarr").exists()  # nothing is committed by a shard
+    done = sorted(p.name for p in (tmp_path / ".labels.zarr.shards" / "_progress" / "done").iterdir())
+    assert done == ["0", "1"]
+    merged = label(tmp_path, inputs)
+    a, b = open_label_store(out["labels"]), open_label_store(merged["labels"])
+    for name in ("flow/pairs", "flow/flow", "flow/valid", "tracks/clip", "tracks/start", "tracks/coords",
+                 "tracks/valid"):
+        assert np.array_equal(a[name][:], b[name][:]), name
+    assert dict(a.attrs) == dict(b.attrs)
+    assert not (tmp_path / ".labels.zarr.shards").exists()
 
 
 def test_partial_store_is_cut_back_to_the_last_marker(tmp_path):
