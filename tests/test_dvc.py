@@ -1,5 +1,5 @@
-"""`dvc repro` runs the MAM2 branch (demo_data to finetune) in a temporary copy of the repo on tiny
-params, and afterwards `dvc status` is clean."""
+"""`dvc repro` runs the whole DAG (both branches, every stage of dvc.yaml) in a temporary copy of the
+repo on tiny params, and afterwards `dvc status` is clean."""
 
 from __future__ import annotations
 
@@ -29,6 +29,30 @@ TINY = {
     "finetune": {"num_frames": 4, "frame_step": 1, "input_size": 32, "eval_clips": 1, "eval_crops": 1,
                  "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1}},
 }
+_MOTION_TRAIN = {"steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1}
+# The motion branch on tiny data: the tracker's 8-frame windows need motion_gt clips of 9 frames, and
+# the tiny demo has no unlabelled (real) clips, so pseudo-labels come from motion_gt's frames.
+TINY_MOTION = {
+    "demo_data": {"motion_gt_frames": 9},
+    "motion_pretrain": {"flow_updates": 2, "tracker_points": 8, "tracker_iters": 2, "eval_flow_updates": 2,
+                        "eval_tracker_iters": 2, "eval_pairs_per_clip": 2, "flow_train": _MOTION_TRAIN,
+                        "tracker_train": _MOTION_TRAIN},
+    "pseudo_labels": {"source": "motion_gt", "clip_filter": "all", "max_clips": None, "pairs_per_clip": 2,
+                      "windows_per_clip": 1, "grid_step": 16, "flow_updates": 2, "tracker_iters": 2,
+                      "alpha": 1.0, "beta": 50.0, "colour": 1.0, "tau": 1000.0, "scale_thresholds": False},
+    "densify": {"window_size": 2, "max_queries_per_window": 32, "tracker_iters": 2, "static_speed": 0.0},
+    "refine": {"targets": ["motion_gt"], "flow_updates": 2, "track_iters": 2, "eval_pairs": 2,
+               "eval_pairs_per_clip": 2, "flow_train": _MOTION_TRAIN, "track_train": _MOTION_TRAIN,
+               "track_augment": {"crop": [48, 48]}},
+}
+
+
+def tiny_params(params: dict, *, motion: bool = False) -> dict:
+    """`params` (params.yaml's contents) with the tiny sections merged in, one level deep."""
+    for tiny in (TINY, TINY_MOTION) if motion else (TINY,):
+        for section, values in tiny.items():
+            params.setdefault(section, {}).update(values)
+    return params
 
 
 def copy_repo(dest: Path) -> Path:
@@ -46,17 +70,14 @@ def copy_repo(dest: Path) -> Path:
 
 def test_dvc_repro_then_status_clean(tmp_path):
     repo = copy_repo(tmp_path / "repo")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
+    params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()), motion=True)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
            "MAM2_TRACKING": "0"}
-    # The MAM2 branch end to end; the motion branch runs end to end on tiny data in
-    # tests/stages/test_motion_pretrain.py (test_the_whole_branch_runs_on_tiny_data).
-    repro = subprocess.run([str(BIN / "dvc"), "repro", "finetune"], cwd=repo, env=env,
-                           capture_output=True, text=True)
+    repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=env, capture_output=True, text=True)
     assert repro.returncode == 0, repro.stdout + repro.stderr
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    assert all(f"Running stage '{stage}'" in repro.stdout for stage in stages), repro.stdout
     store = zarr.open_group(str(repo / "data/clips.zarr"), mode="r")
     assert store["frames"].shape == (4, 4, 32, 32, 3)
     assert (repo / "dvc.lock").exists() and (repo / "reports/decode.json").exists()
@@ -64,8 +85,9 @@ def test_dvc_repro_then_status_clean(tmp_path):
     assert targets["codes"].shape == (4, 4, 2, 2) and targets["rgb_diff"].shape == (4, 3, 32, 32, 3)
     for out in ("artifacts/tokenizer/vqgan.pt", "metrics/tokenizer.json", "artifacts/pretrain/encoder.pt",
                 "metrics/pretrain.json", "reports/pretrain/history.csv", "metrics/finetune.json",
-                "reports/finetune/confusion.png"):
+                "reports/finetune/confusion.png", "artifacts/motion_pretrain/flow.pt",
+                "metrics/pseudo_labels.json", "metrics/densify.json", "artifacts/refine/motion_gt/flow.pt",
+                "metrics/refine.json"):
         assert (repo / out).is_file(), out
-    status = subprocess.run([str(BIN / "dvc"), "status", "finetune"], cwd=repo, env=env, capture_output=True,
-                            text=True)
+    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=repo, env=env, capture_output=True, text=True)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout

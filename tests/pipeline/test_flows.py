@@ -37,7 +37,7 @@ from pipeline.flows import (  # noqa: E402
     upstream_graph,
 )
 from pipeline.params import ParamsError  # noqa: E402
-from tests.test_dvc import TINY, copy_repo  # noqa: E402
+from tests.test_dvc import copy_repo, tiny_params  # noqa: E402
 
 BIN = Path(sys.executable).parent
 
@@ -151,9 +151,7 @@ def test_serve_refuses_to_start_outside_the_project_or_without_a_server(tmp_path
 def tiny_repo(root: Path) -> Path:
     """A copy of the project with tiny params, tagged with the videomae objective."""
     repo = copy_repo(root / "repo")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params.setdefault(section, {}).update(values)
+    params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()), motion=True)
     params.setdefault("pretrain", {})["objective"] = "videomae"
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     return repo
