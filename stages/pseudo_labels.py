@@ -40,9 +40,9 @@ from pipeline.atomic import atomic_dir, remove_path, write_json
 from pipeline.cycle import (FLOW_TESTS, FlowThresholds, flow_label_tests, forward_backward_tracks,
                             resolution_scale, track_cycle_mask)
 from pipeline.errors import StageError
-from pipeline.label_store import (SPEED_EDGES, append_flow, append_store, append_tracks, create_label_store,
-                                  group_tracks, iter_flow, open_label_store, read_tracks, save_histogram_figure,
-                                  speed_histogram, track_speed)
+from pipeline.label_store import (SPEED_EDGES, append_flow, append_store, append_tracks,
+                                  create_label_store, group_tracks, iter_flow, open_label_store, read_tracks,
+                                  save_histogram_figure, speed_histogram, track_speed)
 from pipeline.motion_eval import evenly_spaced
 from pipeline.params import Paths, StageParams, params_hash
 from pipeline.progress import progress

@@ -217,6 +217,29 @@ def test_flow_runs_stages_through_dvc_with_a_parent_mlflow_run(flow_repo):
     assert len(mlflow_runs(flow_repo)) == len(runs) + 1, "only a new parent run, no stage ran"
 
 
+def test_shards_run_on_a_dask_cluster(flow_repo):
+    """`dask_address` maps the shards over a real (local, 127.0.0.1) Dask cluster's workers."""
+    from distributed import LocalCluster
+
+    from pipeline.flows import mam2_flow
+
+    params = yaml.safe_load((flow_repo / "params.yaml").read_text())
+    params["decode"]["clips_per_video"] = 2
+    (flow_repo / "two_clips.yaml").write_text(yaml.safe_dump(params))
+    before = len(mlflow_runs(flow_repo))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, protocol="tcp", host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        results = mam2_flow(params_file="two_clips.yaml", last_stage="decode", shards=2,
+                            dask_address=cluster.scheduler_address)
+    assert results["decode"]["ran"]
+    new_runs = mlflow_runs(flow_repo)[before:]
+    shards = sorted((r.data.tags["stage"], r.data.tags["shard"]) for r in new_runs if "shard" in r.data.tags)
+    assert shards == [("decode", "0/2"), ("decode", "1/2")]
+    assert all(r.info.status == "FINISHED" for r in new_runs)
+    assert zarr.open_group(str(flow_repo / "data/clips.zarr"), mode="r")["frames"].shape[0] == 8
+    assert dvc_status(flow_repo, "decode") == {}
+
+
 @pytest.mark.slow
 def test_failing_stage_fails_the_flow_with_the_stages_message(flow_repo):
     from pipeline.flows import mam2_flow
@@ -332,8 +355,13 @@ def test_served_deployment_runs_to_completion_and_dvc_is_clean(tmp_path):
         assert second.returncode == 0, second.stdout + serve_log.read_text()[-5000:]
         assert dvc_status(repo) == {}
         shard_runs = [r for r in mlflow_runs(repo) if "shard" in r.data.tags]
-        assert sorted(r.data.tags["shard"] for r in shard_runs) == ["0/2", "1/2"]
-        assert all(r.data.tags["stage"] == "decode" and r.info.status == "FINISHED" for r in shard_runs)
+        by_stage = {}
+        for r in shard_runs:
+            by_stage.setdefault(r.data.tags["stage"], []).append(r.data.tags["shard"])
+        # every stage downstream of the clips that accepts --shard ran as two shards
+        assert {stage: sorted(shards) for stage, shards in by_stage.items()} == {
+            stage: ["0/2", "1/2"] for stage in ("decode", "targets", "pseudo_labels")}
+        assert all(r.info.status == "FINISHED" for r in shard_runs)
         assert zarr.open_group(str(repo / "data/clips.zarr"), mode="r")["frames"].shape[0] == 8
 
         params["decode"]["num_frames"] = 30
