@@ -182,3 +182,23 @@ def stage_run(stage: str, params: BaseModel, *, tags: dict[str, str] | None = No
     finally:
         _active = None
     _end("FINISHED")
+
+
+@contextlib.contextmanager
+def system_metrics(interval: float | None) -> Iterator[None]:
+    """MLflow's CPU/GPU/memory/disk sampler (`system/*` metrics) on the active stage run for the block.
+
+    Does nothing without an active run (tracking off) or with `interval` None (other ranks than 0).
+    """
+    run_id = current().run_id
+    if not run_id or interval is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()

@@ -36,12 +36,16 @@ from pipeline.atomic import atomic_file, write_json
 from pipeline.errors import StageError
 from pipeline.params import StageParams
 from pipeline.progress import bars_enabled, progress_bar
-from pipeline.tracking import current
+from pipeline.tracking import current, system_metrics
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, Any], dict[str, torch.Tensor]]
 CHECKPOINT = "checkpoint.pt"
+
+
+# Train params that change how a run executes, not what it computes: a checkpoint resumes across them.
+EXECUTION_ONLY = frozenset({"stop_after", "workers", "system_metrics_every"})
 
 
 class TrainParams(StageParams):
@@ -66,8 +70,14 @@ class TrainParams(StageParams):
     compile: bool = Field(False, description="torch.compile the model")
     workers: int = Field(0, ge=0, description="data loader worker processes")
     seed: int = Field(0, description="seed of initialisation, data order and augmentation")
+    system_metrics_every: float | None = Field(10.0, gt=0, description="seconds between samples of "
+                                               "CPU/GPU/memory use logged to MLflow (null: off)")
     stop_after: int | None = Field(None, ge=1, description="end this run after N steps with a "
                                    "checkpoint (for time-sliced jobs); a rerun continues")
+
+    def resume_identity(self) -> dict[str, Any]:
+        """The params a checkpoint must share to be resumed: all but how this run is executed."""
+        return self.model_dump(mode="json", exclude=EXECUTION_ONLY)
 
     def learning_rate(self) -> float:
         scale = self.batch_size / 256 if self.lr_scaling == "linear" else 1.0
@@ -241,7 +251,8 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, params: TrainPara
     stop = min(params.steps, start + params.stop_after) if params.stop_after else params.steps
     batches = iter(loader)
     wrapped.train()
-    with progress_bar("train", unit="step", total=params.steps - start) as update:
+    with system_metrics(params.system_metrics_every if place.is_main else None), \
+            progress_bar("train", unit="step", total=params.steps - start) as update:
         tick, last_logged = time.perf_counter(), start
         for step in range(start, stop):
             for group in optimizer.param_groups:
@@ -392,7 +403,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
-             "train_params": params.model_dump(mode="json", exclude={"stop_after", "workers"}),
+             "train_params": params.resume_identity(),
              "fingerprint": fingerprint}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
@@ -407,7 +418,7 @@ def _resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     if not path.exists():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=True)
-    same = (state.get("train_params") == params.model_dump(mode="json", exclude={"stop_after", "workers"})
+    same = (state.get("train_params") == params.resume_identity()
             and state.get("fingerprint") == fingerprint)
     if not same:
         log.warning("ignoring %s: it was made with other params; starting afresh", path)

@@ -145,7 +145,7 @@ def run(params: Params, *, clips: Path, encoder: Path, artifacts: Path, run_dir:
         return outputs
     # a resumed run logs only its own steps: keep the earlier runs' rows so history.csv is whole
     history = whole_history(run_dir, result.history, json.dumps(
-        [key, train_params.model_dump(mode="json", exclude={"stop_after", "workers"})], sort_keys=True))
+        [key, train_params.resume_identity()], sort_keys=True))
     if not result.completed:
         log.info("stopped after step %d of %d (train.stop_after); rerun to continue", result.step, train_params.steps)
         return outputs

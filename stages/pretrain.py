@@ -14,12 +14,10 @@ Samples are f-grid-aligned crops at the input size, flips and temporal windows o
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
-from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -79,7 +77,6 @@ class Params(StageParams):
     epochs: float | None = Field(None, gt=0, description="if set, train.steps = ceil(epochs x train "
                                  "clips / train.batch_size)")
     sample_clips: int = Field(2, ge=0, le=16, description="clips drawn in the sample images")
-    system_metrics_every: float = Field(10.0, gt=0, description="seconds between system metric samples")
     train: StageTrainParams = Field(TRAIN_DEFAULTS, description="optimisation (the shared loop's params)")
 
     @model_validator(mode="after")
@@ -106,14 +103,13 @@ def run(params: Params, *, clips: Path, targets: Path, tokenizer: Path, artifact
                                "data/epochs": train_params.steps * train_params.batch_size / len(dataset)})
     torch.manual_seed(train_params.seed)
     model = build_model(params, dataset)
-    with system_metrics(params.system_metrics_every if place.is_main else None):
-        loss_fn = partial(mam2_loss, motion=needs_motion(params))
-        result = train(model, dataset, loss_fn, train_params, run_dir, unit="clip",
-                       fingerprint=fingerprint(params, dataset))
+    loss_fn = partial(mam2_loss, motion=needs_motion(params))
+    result = train(model, dataset, loss_fn, train_params, run_dir, unit="clip",
+                   fingerprint=fingerprint(params, dataset))
     outputs = {"artifacts": artifacts, "metrics": metrics, "reports": reports}
     if not place.is_main:
         return outputs
-    same_run = [fingerprint(params, dataset), train_params.model_dump(mode="json", exclude={"stop_after", "workers"})]
+    same_run = [fingerprint(params, dataset), train_params.resume_identity()]
     history = whole_history(run_dir, result.history, json.dumps(same_run, sort_keys=True))
     if not result.completed:
         log.info("stopped after step %d of %d (train.stop_after); rerun to continue", result.step,
@@ -210,7 +206,7 @@ def mam2_loss(model: torch.nn.Module, batch: dict, *, motion: bool) -> dict[str,
 
 def fingerprint(params: Params, dataset: PretrainDataset) -> str:
     """Identifies a run's state: a checkpoint of other model/data settings is not resumed from."""
-    blob = json.dumps([params.model_dump(mode="json", exclude={"train", "sample_clips", "system_metrics_every"}),
+    blob = json.dumps([params.model_dump(mode="json", exclude={"train", "sample_clips"}),
                        str(dataset.frames_shape), len(dataset),
                        input_stamp(dataset.clips_path, dataset.targets_path)], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -239,23 +235,6 @@ def summarise(history: list[dict], train_params: TrainParams, num_clips: int, wi
         summary["motion_mse"] = summary["loss_motion"]  # MSE of the per-tubelet normalised differences
     summary["first_loss"] = history[0]["loss"]
     return summary
-
-
-@contextlib.contextmanager
-def system_metrics(interval: float | None) -> Iterator[None]:
-    """MLflow's CPU/GPU/memory/disk sampler on the active run while training (rank 0 only)."""
-    run_id = current().run_id
-    if not run_id or interval is None:
-        yield
-        return
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval)
-    monitor.start()
-    try:
-        yield
-    finally:
-        monitor.finish()
 
 
 # ----------------------------------------------------------------------------- sample images

@@ -31,10 +31,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 # A model of a few thousand weights on 4 x 16^2 clips of 8 px tubelets (2 x 2 x 2 tokens).
 TINY = {"depth": 1, "embed_dim": 32, "num_heads": 2, "num_frames": 4, "input_size": 16, "patch_size": 8,
-        "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "regressor_depth": 1, "mask_ratio": 0.5,
-        "system_metrics_every": 0.2}
+        "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2, "regressor_depth": 1, "mask_ratio": 0.5}
 TRAIN = {"steps": 60, "batch_size": 4, "base_lr": 3e-3, "lr_scaling": "none", "warmup_steps": 2,
-         "checkpoint_every": 30, "log_every": 5}
+         "checkpoint_every": 30, "log_every": 5, "system_metrics_every": 0.2}
 
 
 @pytest.fixture
