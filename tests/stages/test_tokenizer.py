@@ -127,8 +127,8 @@ def _train_small(tmp_path: Path, clips: Path, **overrides) -> tuple[dict, dict[s
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 3 open: the tiny f16 VQGAN does not yet beat the "
-                   "mean frame by 2 dB in 120 steps on 32 px frames (measured 15.4 dB vs 15.9 dB)")
+@pytest.mark.xfail(strict=False, reason="issue 3 open: 120 steps on 32 px frames (2x2 codes) stay below "
+                   "the mean frame (measured without gradient clipping: 15.5 dB vs 15.9 dB, 22% of 64 codes)")
 def test_trained_tokenizer_beats_the_mean_frame_and_uses_its_codebook(tmp_path):
     clips = make_clips_store(tmp_path / "clips.zarr", num_clips=12, num_frames=4, size=32)
     metrics, out = _train_small(tmp_path, clips)
@@ -140,14 +140,17 @@ def test_trained_tokenizer_beats_the_mean_frame_and_uses_its_codebook(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="issue 3 open: see above (measured 14.5 dB vs 16.3 dB before "
-                   "the norm_groups/lr change)")
+@pytest.mark.xfail(strict=False, reason="issue 3 open: the demo settings beat the mean frame by 3.4 dB "
+                   "on the demo clips but not on these rendered ones (measured 15.6 dB vs 16.3 dB, 48% "
+                   "of 128 codes, 123 s on 1 thread)")
 def test_tokenizer_on_demo_sized_clips(tmp_path):
-    """The demo setting: 64 px crops of 64 px frames, the preset's 512 codes, a few hundred steps."""
+    """The demo setting (64 px crops, batch 8, 300 steps) on 64 px frames: issue 3's criterion, beat the
+    mean frame clearly (3 dB) with over half the codebook in use. 128 codes: the 48 held-out frames
+    hold 768 code positions of 6 clips, too few to keep the demo's 256 (or the preset's 512) in use."""
     clips = make_clips_store(tmp_path / "clips.zarr", num_clips=24, num_frames=8, size=64)
-    metrics, _ = _train_small(tmp_path, clips, codebook_size=None, crop_size=64, val_frames=48,
-                              train={"steps": 300, "batch_size": 16})
-    assert metrics["psnr"] > metrics["baseline_psnr"] + 4.0, metrics
+    metrics, _ = _train_small(tmp_path, clips, codebook_size=128, crop_size=64, val_frames=48,
+                              reinit_every=20, train={"steps": 300, "batch_size": 8})
+    assert metrics["psnr"] > metrics["baseline_psnr"] + 3.0, metrics
     assert metrics["codebook_usage"] > 0.5, metrics
 
 
