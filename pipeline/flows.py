@@ -305,8 +305,8 @@ def shard_runner(dask_address: str | None, shards: int):
         from prefect_dask import DaskTaskRunner
     except ImportError:
         raise MissingDependency(f"dask_address={dask_address!r} needs the prefect-dask package: "
-                                f"pip install prefect-dask (or leave dask_address empty to run "
-                                f"the shards in a local pool)") from None
+                                f"pip install -e '.[dask]' (or pip install prefect-dask), or leave "
+                                f"dask_address empty to run the shards in a local pool") from None
     return DaskTaskRunner(address=dask_address)
 
 

@@ -113,11 +113,8 @@ def test_invalid_params_are_not_retried_but_other_failures_are():
     assert _retry_unless_usage_error(None, None, flaky) is True
 
 
-def test_dask_path_says_what_to_install():
-    import importlib.util
-
-    if importlib.util.find_spec("prefect_dask") is not None:
-        pytest.skip("prefect-dask is installed")
+def test_dask_path_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "prefect_dask", None)  # as if not installed: importing it fails
     with pytest.raises(MissingDependency, match="pip install prefect-dask"):
         shard_runner("tcp://127.0.0.1:8786", 2)
 
