@@ -188,8 +188,7 @@ def test_cli_reports_missing_targets_and_bad_params_clearly(tmp_path, monkeypatc
     assert "pretrain.mask_ratio" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_two_process_torchrun_matches_one_process(tmp_path, one_thread):
+def test_two_process_torchrun_matches_one_process(tmp_path, one_thread):  # ~10 s: in `make test`
     for name in ("one", "two"):
         write_stores(tmp_path / name / "data", clips=4, frames=4, size=16)
     pretrain(tmp_path / "one", tiny_params(sample_clips=0, train={"steps": 4}))  # what cli() sets
