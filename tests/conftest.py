@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.video import write_mp4
 
@@ -63,3 +64,12 @@ def ffmpeg_reference(path: Path, vf: str | None = None) -> np.ndarray:
     command += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     raw = subprocess.run(command, capture_output=True, check=True).stdout
     return np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread than on two contended cores (and never stall on them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,14 +14,6 @@ from models.video_vit import build_encoder, patchify, unpatchify
 CODEBOOK = 16
 
 
-@pytest.fixture
-def one_thread():
-    """The overfit loops are tiny: one thread is faster than two fighting other test processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_model(objective="mam2", patch=8, downsample=8, **kw):
     enc = build_encoder("tiny", img_size=32, num_frames=8, patch_size=patch, embed_dim=64, depth=2, num_heads=4)

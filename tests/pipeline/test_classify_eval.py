@@ -16,8 +16,7 @@ from pipeline.classify_eval import (
 from tests.pipeline.test_classify_data import write_class_store
 
 
-def test_multi_view_average_equals_mean_of_single_views(tmp_path):
-    torch.set_num_threads(1)
+def test_multi_view_average_equals_mean_of_single_views(tmp_path, one_thread):
     store = write_class_store(tmp_path / "clips.zarr", ["zoom_in", "zoom_out", "rotate_cw"], videos_per_class=2,
                               clips_per_video=2, val_every=1, size=32)
     views = EvalViews(store, "val", ClipSpec(4, 1, 24), num_clips=2, num_crops=3)

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from pipeline.errors import StageError
@@ -23,9 +22,8 @@ FINETUNE = {"num_frames": 4, "frame_step": 1, "input_size": 16, "eval_crops": 1,
 
 
 @pytest.fixture
-def project(tmp_path, monkeypatch) -> Path:
+def project(tmp_path, monkeypatch, one_thread) -> Path:
     """A project folder with tiny clips + targets stores (8 train, 4 val clips) and a params.yaml."""
-    torch.set_num_threads(1)
     write_stores(tmp_path / "data", clips=12, frames=6, size=32, splits=[0] * 8 + [1] * 4,
                  labels=[n % 2 for n in range(12)], smooth=True)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"pretrain": PRETRAIN, "finetune": FINETUNE}))

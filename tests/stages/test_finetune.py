@@ -33,13 +33,7 @@ TINY = {"depth": 2, "embed_dim": 64, "num_heads": 4, "patch_size": 8, "num_frame
 TRAIN = {"steps": 6, "batch_size": 8, "base_lr": 0.05, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 100}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -36,14 +36,6 @@ TRAIN = {"steps": 60, "batch_size": 4, "base_lr": 3e-3, "lr_scaling": "none", "w
          "checkpoint_every": 30, "log_every": 5, "system_metrics_every": 0.2}
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models train faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def tiny_params(**overrides) -> Params:
     train = {**TRAIN, **overrides.pop("train", {})}

@@ -34,13 +34,6 @@ RECIPE = {"params": {**pseudo_labels.Params(pairs_per_clip=2, windows_per_clip=1
           "alpha": 0.002, "beta": 0.02, "tau": 1000.0}
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def write_array(group: zarr.Group, name: str, values: np.ndarray) -> None:
     array = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=values.shape or None)

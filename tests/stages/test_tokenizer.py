@@ -27,13 +27,7 @@ from tests.models.test_vqgan import OFFICIAL_YAML, official  # noqa: F401  (a fi
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions on shared cores: more threads cost more than they give (and can stall)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def make_clips_store(path: Path, *, num_clips: int = 8, num_frames: int = 4, size: int = 32,
