@@ -21,7 +21,9 @@ from pipeline.errors import StageError
 from pipeline.shards import Shard
 from stages.targets import Params, run
 from tests.models.test_vqgan import _reference_model
-from tests.stages.test_tokenizer import make_clips_store, one_thread  # noqa: F401  (a fixture)
+from tests.stages.test_tokenizer import make_clips_store
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 REPO = Path(__file__).resolve().parents[2]
 
