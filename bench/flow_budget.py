@@ -1,0 +1,147 @@
+"""Study: which flow pre-training recipe beats zero motion on motion_gt, and what it costs on CPU.
+
+Each recipe (steps, RAFT updates per training pass, frames rendered per sample, learning rate, batch)
+trains RAFT with the motion_pretrain stage's own code (`obtain_flow_model`: synthetic pre-training
+pairs, the shared training loop, one-cycle AdamW) and is scored on `data/motion_gt/` exactly as the
+stage scores it (`evaluate_flow`). The reference in the same run is zero motion: the figure is the
+ratio EPE / zero-motion EPE (below 1 beats it). Recipes run as parallel processes sharing the device
+(a GPU makes a sweep fast; the results carry over to CPU training step for step).
+
+`--time-cpu` instead times a few training steps of each distinct (updates, frames, batch) on this
+machine's CPU through the same loop, so step counts turn into CPU seconds for the demo's budget.
+
+Writes bench/results/flow_budget-<device>.json (or flow_budget_cpu_steps-<device>.json); prints a
+table last.
+
+    python bench/flow_budget.py [--motion-gt data/motion_gt] [--parallel 8] [--recipe 600:4:2:1e-3:4 ...]
+    python bench/flow_budget.py --time-cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("MAM2_TRACKING", "0")
+os.environ.setdefault("MAM2_PROGRESS", "0")
+
+import torch  # noqa: E402
+
+from bench.results_file import save_results  # noqa: E402
+
+# The demo's recipe today, then cheaper steps (4 updates, 2-frame clips) at three budgets and rates.
+DEFAULT_RECIPES = ("200:8:4:4e-4:4",
+                   "300:4:2:4e-4:4", "300:4:2:1e-3:4", "300:4:2:2e-3:4",
+                   "600:4:2:4e-4:4", "600:4:2:1e-3:4", "600:4:2:2e-3:4", "600:4:2:1e-3:8",
+                   "1200:4:2:4e-4:4", "1200:4:2:1e-3:4")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: int
+    updates: int
+    frames: int
+    lr: float
+    batch: int
+
+    @classmethod
+    def parse(cls, text: str) -> Recipe:
+        try:
+            steps, updates, frames, lr, batch = text.split(":")
+            return cls(int(steps), int(updates), int(frames), float(lr), int(batch))
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"recipe {text!r} is not steps:updates:frames:lr:batch") from err
+
+    def params(self, workers: int):
+        from stages.motion_pretrain import Params
+
+        return Params(flow_updates=self.updates, flow_clip_frames=self.frames,
+                      flow_train={"steps": self.steps, "batch_size": self.batch, "base_lr": self.lr,
+                                  "workers": workers, "checkpoint_every": self.steps,
+                                  "log_every": max(1, self.steps // 10), "system_metrics_every": None})
+
+
+def train_and_score(recipe: Recipe, motion_gt: Path, workers: int) -> dict:
+    """Train one recipe in a scratch directory and score it on motion_gt (runs in a child process)."""
+    from stages.motion_pretrain import evaluate_flow, obtain_flow_model
+
+    torch.set_num_threads(1)
+    params = recipe.params(workers)
+    with tempfile.TemporaryDirectory(prefix="flow-budget-") as work:
+        (Path(work) / "reports").mkdir()
+        start = time.perf_counter()
+        model = obtain_flow_model(params, Path(work) / "run", Path(work) / "reports")
+        train_s = time.perf_counter() - start
+        scores = evaluate_flow(model, motion_gt / "gt.zarr", params)
+    return {**asdict(recipe), "train_s": round(train_s, 1), "epe": scores["flow_epe"],
+            "epe_zero_motion": scores["flow_epe_zero_motion"],
+            "epe_ratio": scores["flow_epe"] / scores["flow_epe_zero_motion"],
+            "acc_1px": scores["flow_acc_1px"]}
+
+
+def time_cpu_steps(recipe: Recipe, steps: int = 8) -> float:
+    """CPU seconds per training step of `recipe`'s shape, through the stage's training code."""
+    from stages.motion_pretrain import obtain_flow_model
+
+    params = Recipe(steps, recipe.updates, recipe.frames, recipe.lr, recipe.batch).params(0)
+    with tempfile.TemporaryDirectory(prefix="flow-budget-") as work:
+        run_dir = Path(work) / "run"
+        (Path(work) / "reports").mkdir()
+        obtain_flow_model(params, run_dir, Path(work) / "reports")
+        rows = (run_dir / "history.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    column = next(i for i, name in enumerate(header) if name.endswith("_per_s"))
+    return recipe.batch / float(last[column])  # the last step's throughput
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--motion-gt", type=Path, default=Path("data/motion_gt"))
+    parser.add_argument("--recipe", type=Recipe.parse, action="append",
+                        help="steps:updates:frames:lr:batch (repeatable; default: a built-in sweep)")
+    parser.add_argument("--parallel", type=int, default=None, help="recipes at once (default: 1 on CPU, "
+                        "all on a GPU)")
+    parser.add_argument("--workers", type=int, default=1, help="data-loader workers per recipe")
+    parser.add_argument("--time-cpu", action="store_true", help="time CPU training steps instead")
+    args = parser.parse_args()
+    recipes = args.recipe or [Recipe.parse(r) for r in DEFAULT_RECIPES]
+    if args.time_cpu:
+        shapes = {(r.updates, r.frames, r.batch): r for r in recipes}  # the rate does not change the cost
+        rows = [{"updates": u, "frames": f, "batch": b, "cpu_step_s": time_cpu_steps(r)}
+                for (u, f, b), r in sorted(shapes.items())]
+        device = save_results("flow_budget_cpu_steps", {"torch_threads": torch.get_num_threads(), "rows": rows})
+        print(f"flow training step on {device} ({torch.get_num_threads()} threads)")
+        for row in rows:
+            print(f"  updates {row['updates']}  frames {row['frames']}  batch {row['batch']}: "
+                  f"{row['cpu_step_s']:.3f} s/step")
+        return
+    if not (args.motion_gt / "gt.zarr").exists():
+        raise SystemExit(f"{args.motion_gt}/gt.zarr not found: run `mam2 demo_data` first")
+    cuda = torch.cuda.is_available()
+    parallel = args.parallel or (len(recipes) if cuda else 1)
+    start = time.perf_counter()
+    with ProcessPoolExecutor(parallel, mp_context=get_context("spawn")) as pool:
+        rows = list(pool.map(train_and_score, recipes, [args.motion_gt] * len(recipes),
+                             [args.workers] * len(recipes)))
+    results = {"torch": torch.__version__, "parallel": parallel, "wall_s": round(time.perf_counter() - start, 1),
+               "rows": rows}
+    device = save_results("flow_budget", results, cuda=cuda)
+    print(f"flow pre-training recipes on {device}, scored on {args.motion_gt} (zero-motion EPE "
+          f"{rows[0]['epe_zero_motion']:.3f} px), {parallel} at once, {results['wall_s']} s")
+    print(f"  {'steps':>6} {'updates':>7} {'frames':>6} {'lr':>8} {'batch':>5} {'train_s':>8} {'EPE':>7} "
+          f"{'EPE/zero':>8} {'acc1px':>7}")
+    for r in rows:
+        print(f"  {r['steps']:>6} {r['updates']:>7} {r['frames']:>6} {r['lr']:>8.0e} {r['batch']:>5} "
+              f"{r['train_s']:>8.1f} {r['epe']:>7.3f} {r['epe_ratio']:>8.3f} {r['acc_1px']:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()
