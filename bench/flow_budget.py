@@ -51,14 +51,15 @@ class Recipe:
     frames: int
     lr: float
     batch: int
+    seed: int = 0
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
         try:
-            steps, updates, frames, lr, batch = text.split(":")
-            return cls(int(steps), int(updates), int(frames), float(lr), int(batch))
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"recipe {text!r} is not steps:updates:frames:lr:batch") from err
+            steps, updates, frames, lr, batch, *seed = text.split(":")
+            return cls(int(steps), int(updates), int(frames), float(lr), int(batch), *map(int, seed))
+        except (ValueError, TypeError) as err:
+            raise argparse.ArgumentTypeError(f"recipe {text!r} is not steps:updates:frames:lr:batch[:seed]") from err
 
     def params(self, workers: int):
         from stages.motion_pretrain import Params
@@ -66,11 +67,13 @@ class Recipe:
         return Params(flow_updates=self.updates, flow_clip_frames=self.frames,
                       flow_train={"steps": self.steps, "batch_size": self.batch, "base_lr": self.lr,
                                   "workers": workers, "checkpoint_every": self.steps,
-                                  "log_every": max(1, self.steps // 10), "system_metrics_every": None})
+                                  "log_every": max(1, self.steps // 10), "system_metrics_every": None,
+                                  "seed": self.seed})
 
 
-def train_and_score(recipe: Recipe, motion_gt: Path, workers: int) -> dict:
-    """Train one recipe in a scratch directory and score it on motion_gt (runs in a child process)."""
+def train_and_score(recipe: Recipe, motion_gt: Path, workers: int, eval_updates: tuple[int, ...]) -> dict:
+    """Train one recipe in a scratch directory and score it on motion_gt with each number of RAFT
+    updates in `eval_updates` (the first is the headline); runs in a child process."""
     from stages.motion_pretrain import evaluate_flow, obtain_flow_model
 
     torch.set_num_threads(1)
@@ -80,8 +83,11 @@ def train_and_score(recipe: Recipe, motion_gt: Path, workers: int) -> dict:
         start = time.perf_counter()
         model = obtain_flow_model(params, Path(work) / "run", Path(work) / "reports")
         train_s = time.perf_counter() - start
-        scores = evaluate_flow(model, motion_gt / "gt.zarr", params)
+        by_updates = {u: evaluate_flow(model, motion_gt / "gt.zarr", params.model_copy(
+            update={"eval_flow_updates": u})) for u in eval_updates}
+    scores = by_updates[eval_updates[0]]
     return {**asdict(recipe), "train_s": round(train_s, 1), "epe": scores["flow_epe"],
+            **{f"epe_at_{u}_updates": s["flow_epe"] for u, s in by_updates.items()},
             "epe_zero_motion": scores["flow_epe_zero_motion"],
             "epe_ratio": scores["flow_epe"] / scores["flow_epe_zero_motion"],
             "acc_1px": scores["flow_acc_1px"]}
@@ -110,6 +116,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=None, help="recipes at once (default: 1 on CPU, "
                         "all on a GPU)")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per recipe")
+    parser.add_argument("--eval-updates", default="12", help="comma-separated RAFT updates when scoring "
+                        "(the first is the headline; the stage uses eval_flow_updates, 12)")
     parser.add_argument("--time-cpu", action="store_true", help="time CPU training steps instead")
     args = parser.parse_args()
     recipes = args.recipe or [Recipe.parse(r) for r in DEFAULT_RECIPES]
@@ -129,18 +137,22 @@ def main() -> None:
     parallel = args.parallel or (len(recipes) if cuda else 1)
     start = time.perf_counter()
     with ProcessPoolExecutor(parallel, mp_context=get_context("spawn")) as pool:
-        rows = list(pool.map(train_and_score, recipes, [args.motion_gt] * len(recipes),
-                             [args.workers] * len(recipes)))
+        eval_updates = tuple(int(u) for u in args.eval_updates.split(","))
+        n = len(recipes)
+        rows = list(pool.map(train_and_score, recipes, [args.motion_gt] * n, [args.workers] * n,
+                             [eval_updates] * n))
     results = {"torch": torch.__version__, "parallel": parallel, "wall_s": round(time.perf_counter() - start, 1),
                "rows": rows}
     device = save_results("flow_budget", results, cuda=cuda)
     print(f"flow pre-training recipes on {device}, scored on {args.motion_gt} (zero-motion EPE "
           f"{rows[0]['epe_zero_motion']:.3f} px), {parallel} at once, {results['wall_s']} s")
-    print(f"  {'steps':>6} {'updates':>7} {'frames':>6} {'lr':>8} {'batch':>5} {'train_s':>8} {'EPE':>7} "
-          f"{'EPE/zero':>8} {'acc1px':>7}")
+    others = [k for k in rows[0] if k.startswith("epe_at_")][1:]
+    print(f"  {'steps':>6} {'updates':>7} {'frames':>6} {'lr':>8} {'batch':>5} {'seed':>4} {'train_s':>8} "
+          f"{'EPE':>7} {'EPE/zero':>8} {'acc1px':>7}" + "".join(f" {k.removeprefix('epe_'):>16}" for k in others))
     for r in rows:
-        print(f"  {r['steps']:>6} {r['updates']:>7} {r['frames']:>6} {r['lr']:>8.0e} {r['batch']:>5} "
-              f"{r['train_s']:>8.1f} {r['epe']:>7.3f} {r['epe_ratio']:>8.3f} {r['acc_1px']:>7.3f}")
+        print(f"  {r['steps']:>6} {r['updates']:>7} {r['frames']:>6} {r['lr']:>8.0e} {r['batch']:>5} {r['seed']:>4} "
+              f"{r['train_s']:>8.1f} {r['epe']:>7.3f} {r['epe_ratio']:>8.3f} {r['acc_1px']:>7.3f}"
+              + "".join(f" {r[k]:>16.3f}" for k in others))
 
 
 if __name__ == "__main__":

@@ -145,7 +145,13 @@ class MAM2(nn.Module):
         f = self.code_downsample
         if tuple(codes.shape) != (b, t, h // f, w // f):
             raise ValueError(f"codes must be (B, T, H/f, W/f) = {(b, t, h // f, w // f)}, got {tuple(codes.shape)}")
-        if codes.is_floating_point() or bool((codes < 0).any() | (codes >= self.codebook_size).any()):
+        if codes.is_floating_point():
+            raise ValueError(f"codes must be integer indices in [0, {self.codebook_size})")
+        # The range check reads the values back to the host: on an accelerator that would stall every step
+        # (and break a compiled graph), so it runs on CPU tensors only. Codes on a GPU come from the loader,
+        # which read them from a targets store whose codebook size this model was built with.
+        if codes.device.type == "cpu" and not torch.compiler.is_compiling() \
+                and bool((codes < 0).any() | (codes >= self.codebook_size).any()):
             raise ValueError(f"codes must be integer indices in [0, {self.codebook_size})")
         return code_target(codes, self.encoder.tubelet_size, self.encoder.patch_size, f)
 

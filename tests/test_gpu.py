@@ -83,17 +83,23 @@ def test_mam2_loss_in_bf16_autocast_is_close_to_fp32():
     assert grads and all(torch.isfinite(g).all() for g in grads)
 
 
-def test_vqgan_codes_in_bf16_mostly_agree_with_fp32():
+def test_vqgan_codes_in_bf16_are_near_optimal():
+    """bf16 may pick another code where two nearly tie, but never a clearly worse one."""
     torch.manual_seed(0)
     model = VQGAN(VQGANConfig.tiny_f16()).to(CUDA).eval()
     frames = smooth_images(8, 64, 2).to(CUDA) * 2 - 1
     with torch.no_grad():
-        model.reinit_dead_codes(torch.zeros(model.codebook_size, device=CUDA), model.encode_to_latent(frames))
-        fp32 = model.encode(frames)
+        latent = model.encode_to_latent(frames)
+        model.reinit_dead_codes(torch.zeros(model.codebook_size, device=CUDA), latent)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             bf16 = model.encode(frames)
-    assert bf16.shape == fp32.shape
-    assert (bf16 == fp32).float().mean() > 0.9  # rounding flips only near-ties between codes
+        vectors = latent.permute(0, 2, 3, 1).reshape(-1, latent.shape[1])  # fp32 latents, one per cell
+        distances = torch.cdist(vectors, model.quantize.embedding.weight) ** 2
+    best = distances.min(1).values
+    chosen = distances.gather(1, bf16.reshape(-1, 1))[:, 0]
+    assert bf16.shape == (8, 4, 4)
+    assert chosen.mean() <= 1.05 * best.mean() + 1e-6
+    assert (chosen <= 1.2 * best + 1e-3).float().mean() > 0.95
 
 
 class Regression(torch.utils.data.Dataset):
@@ -110,7 +116,9 @@ class Regression(torch.utils.data.Dataset):
 
 
 def regression_loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-    return {"loss": F.mse_loss(model(batch["x"]).float(), batch["y"])}
+    prediction = model(batch["x"])
+    return {"loss": F.mse_loss(prediction.float(), batch["y"]),
+            "bf16": torch.tensor(float(prediction.dtype == torch.bfloat16))}
 
 
 def make_model() -> nn.Module:
@@ -119,12 +127,13 @@ def make_model() -> nn.Module:
 
 
 def test_training_loop_uses_bf16_on_cuda_and_resumes(tmp_path):
-    params = TrainParams(steps=40, batch_size=16, base_lr=3e-3, lr_scaling="none", warmup_steps=2,
-                         checkpoint_every=10, log_every=10, system_metrics_every=None)
+    params = TrainParams(steps=40, batch_size=16, base_lr=0.02, lr_scaling="none", warmup_steps=2,
+                         weight_decay=0.0, checkpoint_every=10, log_every=10, system_metrics_every=None)
     straight = train(make_model(), Regression(), regression_loss, params, tmp_path / "a")
     assert straight.completed and next(straight.model.parameters()).device.type == "cuda"
     history = straight.history
-    assert history[-1]["loss"] < 0.3 * history[0]["loss"] and history[-1]["gpu_mem_gb"] > 0
+    assert history[-1]["loss"] < 0.2 * history[0]["loss"] and history[-1]["gpu_mem_gb"] > 0
+    assert all(row["bf16"] == 1.0 for row in history)  # precision "auto" autocasts to bf16 on a GPU
     first = train(make_model(), Regression(), regression_loss, params.model_copy(update={"stop_after": 20}),
                   tmp_path / "b")
     assert not first.completed and torch.load(tmp_path / "b" / CHECKPOINT, weights_only=True)["step"] == 20
