@@ -89,12 +89,13 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--clips-per-batch", type=int, default=Params().clips_per_batch)
+    parser.add_argument("--writers", type=int, default=Params().writers, help="the stage's targets.writers")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    params = Params(clips_per_batch=args.clips_per_batch)
+    params = Params(clips_per_batch=args.clips_per_batch, writers=args.writers)
     device = pick_device(params.device)
     work = Path(tempfile.mkdtemp(prefix="bench-targets-"))
     try:
@@ -118,16 +119,18 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     frames = args.clips * args.frames
     results = {"clips": args.clips, "frames": frames, "frame_size": args.size,
-               "clips_per_batch": params.clips_per_batch, "torch_threads": torch.get_num_threads(),
+               "clips_per_batch": params.clips_per_batch, "writers": params.writers,
+               "torch_threads": torch.get_num_threads(),
                "bare_encoder_fps": frames / best["bare"], "stage_fps": frames / best["stage"]}
     results["ratio_stage_vs_bare"] = results["stage_fps"] / results["bare_encoder_fps"]
     if torch.cuda.is_available():
         results["official_f16_encoder_256px_bf16_fps"] = official_encoder_bf16()
     name = save_results("targets", results, cuda=torch.cuda.is_available())
     print(f"targets benchmark on {name}: {args.clips} clips x {args.frames} frames of "
-          f"{args.size}x{args.size}, tiny_f16 tokenizer, {params.clips_per_batch} clips per batch")
+          f"{args.size}x{args.size}, tiny_f16 tokenizer, {params.clips_per_batch} clips per batch, "
+          f"{params.writers} writers")
     for key, value in results.items():
-        if key not in ("clips", "frames", "frame_size", "clips_per_batch"):
+        if key not in ("clips", "frames", "frame_size", "clips_per_batch", "writers"):
             print(f"  {key:<40}{value:10.2f}")
 
 

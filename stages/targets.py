@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -52,6 +53,8 @@ class Params(StageParams):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU when there is one")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast the encoder (GPU; "
                                                "codes may differ from fp32 where two codes nearly tie)")
+    writers: int = Field(4, ge=1, description="batches compressed and written at once, in threads beside "
+                         "the encoder (on a GPU the writes, not the encoder, set the pace)")
 
 
 def run(params: Params, *, clips: Path, tokenizer: Path, targets: Path,
@@ -148,30 +151,31 @@ def encode_clips(model: VQGAN, clips: np.ndarray, *, device: torch.device, frame
 
 def write_targets(model: VQGAN, frames: zarr.Array, store_dir: Path, batches: list[range], params: Params,
                   device: torch.device, markers: ProgressMarkers) -> float:
-    """Encode and write `batches` of clips; reads and writes overlap the encoder. Returns frames/s."""
+    """Encode and write `batches` of clips; the next read and up to `params.writers` writes overlap the
+    encoder (batches own disjoint chunks, so their writes are independent). Returns frames/s."""
     group = zarr.open_group(str(store_dir), mode="r+")
     arrays = {name: group[name] for name in TARGET_ARRAYS}
     frames_per_clip = frames.shape[1]
     total = sum(len(rows) for rows in batches) * frames_per_clip
-    with ThreadPoolExecutor(2, thread_name_prefix="targets-io") as pool, \
+    with ThreadPoolExecutor(1 + params.writers, thread_name_prefix="targets-io") as pool, \
             progress_bar("targets", unit="frame", total=total) as update:
         def read(rows: range) -> Future:
             return pool.submit(frames.__getitem__, slice(rows.start, rows.stop))
 
         start = time.perf_counter()
         reading = read(batches[0]) if batches else None
-        writing: Future | None = None
+        writing: deque[Future] = deque()
         for i, rows in enumerate(batches):
             clips = reading.result()
             if i + 1 < len(batches):
                 reading = read(batches[i + 1])
             codes, flipped = encode_clips(model, clips, device=device,
                                           frames_per_batch=params.frames_per_batch, precision=params.precision)
-            if writing is not None:
-                update(writing.result())
-            writing = pool.submit(_write_batch, arrays, rows, clips, codes, flipped, markers)
-        if writing is not None:
-            update(writing.result())
+            while len(writing) >= params.writers:
+                update(writing.popleft().result())
+            writing.append(pool.submit(_write_batch, arrays, rows, clips, codes, flipped, markers))
+        while writing:
+            update(writing.popleft().result())
     return total / max(time.perf_counter() - start, 1e-9)
 
 
@@ -210,12 +214,13 @@ def _plan(store_dir: Path, frames_shape: tuple[int, ...], attrs: dict, signature
 
 
 def _signature(params: Params, clips: Path, shape: tuple[int, ...], tokenizer_sha256: str) -> str:
-    """Identifies the work: params (not the device, so shards may run on CPUs and GPUs alike), the
+    """Identifies the work: params (not the device or the writers, so shards may run on CPUs and GPUs
+    alike), the
     tokenizer's bytes and the clips store (path, shape and when its metadata was written)."""
     stamps = [(p.name, p.stat().st_mtime_ns) for p in (Path(clips) / "zarr.json",
                                                       Path(clips) / "frames" / "zarr.json") if p.exists()]
-    blob = json.dumps([params_hash(params.model_copy(update={"device": "auto"})), tokenizer_sha256,
-                       str(Path(clips).resolve()), list(shape), stamps])
+    work = params.model_copy(update={"device": "auto", "writers": 1})
+    blob = json.dumps([params_hash(work), tokenizer_sha256, str(Path(clips).resolve()), list(shape), stamps])
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
