@@ -61,23 +61,24 @@ class Recipe:
         except (ValueError, TypeError) as err:
             raise argparse.ArgumentTypeError(f"recipe {text!r} is not steps:updates:frames:lr:batch[:seed]") from err
 
-    def params(self, workers: int):
+    def params(self, workers: int, precision: str = "auto"):
         from stages.motion_pretrain import Params
 
         return Params(flow_updates=self.updates, flow_clip_frames=self.frames,
                       flow_train={"steps": self.steps, "batch_size": self.batch, "base_lr": self.lr,
                                   "workers": workers, "checkpoint_every": self.steps,
                                   "log_every": max(1, self.steps // 10), "system_metrics_every": None,
-                                  "seed": self.seed})
+                                  "seed": self.seed, "precision": precision})
 
 
-def train_and_score(recipe: Recipe, motion_gt: Path, workers: int, eval_updates: tuple[int, ...]) -> dict:
+def train_and_score(recipe: Recipe, motion_gt: Path, workers: int, eval_updates: tuple[int, ...],
+                    precision: str = "auto") -> dict:
     """Train one recipe in a scratch directory and score it on motion_gt with each number of RAFT
     updates in `eval_updates` (the first is the headline); runs in a child process."""
     from stages.motion_pretrain import evaluate_flow, obtain_flow_model
 
     torch.set_num_threads(1)
-    params = recipe.params(workers)
+    params = recipe.params(workers, precision)
     with tempfile.TemporaryDirectory(prefix="flow-budget-") as work:
         (Path(work) / "reports").mkdir()
         start = time.perf_counter()
@@ -118,6 +119,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per recipe")
     parser.add_argument("--eval-updates", default="12", help="comma-separated RAFT updates when scoring "
                         "(the first is the headline; the stage uses eval_flow_updates, 12)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                        help="training precision (auto: bf16 autocast on a GPU, fp32 on CPU as the stage trains)")
     parser.add_argument("--time-cpu", action="store_true", help="time CPU training steps instead")
     args = parser.parse_args()
     recipes = args.recipe or [Recipe.parse(r) for r in DEFAULT_RECIPES]
@@ -140,8 +143,8 @@ def main() -> None:
         eval_updates = tuple(int(u) for u in args.eval_updates.split(","))
         n = len(recipes)
         rows = list(pool.map(train_and_score, recipes, [args.motion_gt] * n, [args.workers] * n,
-                             [eval_updates] * n))
-    results = {"torch": torch.__version__, "parallel": parallel, "wall_s": round(time.perf_counter() - start, 1),
+                             [eval_updates] * n, [args.precision] * n))
+    results = {"torch": torch.__version__, "precision": args.precision, "parallel": parallel, "wall_s": round(time.perf_counter() - start, 1),
                "rows": rows}
     device = save_results("flow_budget", results, cuda=cuda)
     print(f"flow pre-training recipes on {device}, scored on {args.motion_gt} (zero-motion EPE "

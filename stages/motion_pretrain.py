@@ -45,15 +45,16 @@ from pipeline.training import TrainParams, stage_train_params, train, write_hist
 log = logging.getLogger(__name__)
 
 
-# RAFT's recipe (AdamW, one-cycle) at the smallest CPU budget that reliably beats zero motion on
-# motion_gt: bench/flow_budget.py swept steps, batch, rate and updates (bench/results/flow_budget-*.json).
-# 600 steps of 8 pairs at lr 1e-3 gave EPE 0.761-0.807 x zero motion over three seeds; the cheaper
-# recipes tried (2400-4000 pairs, other rates, 2 or 3 updates) ranged from 0.88 to 1.57 x, none
-# reliably below 1 over two seeds. About 8 minutes on 2 CPU cores.
-FLOW_TRAIN = TrainParams(steps=600, batch_size=8, base_lr=1e-3, lr_scaling="none", schedule="onecycle",
+# RAFT's recipe (AdamW, one-cycle, lr 4e-4) at the CPU demo budget (about 100 s on 2 cores). That budget
+# leaves RAFT from scratch no better than zero motion on motion_gt. bench/flow_budget.py swept recipes
+# on a GPU (bench/results/flow_budget-*.json): 600 steps of 8 pairs at lr 1e-3 with 4 updates gave
+# 0.76-0.81 x zero-motion EPE in bf16 over three seeds but 0.82-1.07 x in fp32 over four (8 min on 2 CPU
+# cores, 0.96 x in the CPU DAG); only 2400 steps of 4 pairs were clearly better both ways (0.68 x on CPU
+# and GPU, 17.5 min on 2 CPU cores). README gives the settings.
+FLOW_TRAIN = TrainParams(steps=200, batch_size=4, base_lr=4e-4, lr_scaling="none", schedule="onecycle",
                          warmup_steps=20, weight_decay=1e-4, betas=(0.9, 0.999), clip_grad=1.0,
                          checkpoint_every=50, log_every=10)
-TRACKER_TRAIN = FLOW_TRAIN.model_copy(update={"steps": 200, "batch_size": 4})
+TRACKER_TRAIN = FLOW_TRAIN.model_copy(update={"base_lr": 1e-3})
 FlowTrainParams = stage_train_params(FLOW_TRAIN)
 TrackerTrainParams = stage_train_params(TRACKER_TRAIN)
 
@@ -66,14 +67,14 @@ class Params(StageParams):
                                             "format) instead of training")
     size: int = Field(128, ge=128, description="side of the square synthetic training clips (RAFT "
                       "needs >= 128)")
-    flow_clip_frames: int = Field(2, ge=2, description="frames rendered per flow sample; one random "
+    flow_clip_frames: int = Field(4, ge=2, description="frames rendered per flow sample; one random "
                                   "consecutive pair of them is used")
-    flow_updates: int = Field(4, ge=1, description="RAFT updates per training forward pass (4 costs "
-                              "0.67 s per step of 8 pairs on 2 CPU cores, 8 about 1.4x that)")
+    flow_updates: int = Field(8, ge=1, description="RAFT updates per training forward pass")
     tracker_points: int = Field(64, ge=1, description="tracks per training window (queried in frame 0)")
     tracker_iters: int = Field(4, ge=1, description="tracker updates per training forward pass")
     visibility_weight: float = Field(0.1, ge=0, description="weight of the visibility cross-entropy")
-    eval_flow_updates: int = Field(12, ge=1, description="RAFT updates when evaluating on motion_gt")
+    eval_flow_updates: int = Field(8, ge=1, description="RAFT updates when evaluating on motion_gt "
+                                   "(refine's flow_updates, so this score is refine's 'before')")
     eval_tracker_iters: int = Field(6, ge=1, description="tracker updates when evaluating on motion_gt")
     eval_clips: int | None = Field(None, ge=1, description="evaluate on the first N motion_gt clips "
                                    "(null: all)")
