@@ -14,6 +14,7 @@ Writes bench/results/flow_budget-<device>.json (or flow_budget_cpu_steps-<device
 table last.
 
     python bench/flow_budget.py [--motion-gt data/motion_gt] [--parallel 8] [--recipe 600:4:2:1e-3:4 ...]
+    python bench/flow_budget.py --recipe 200:8:4:4e-4:4:1@flow_model=raft_large   # other stage params after @
     python bench/flow_budget.py --time-cpu
 """
 
@@ -52,19 +53,32 @@ class Recipe:
     lr: float
     batch: int
     seed: int = 0
+    extra: str = ""  # other motion_pretrain params, "key=value,key=value"
 
     @classmethod
     def parse(cls, text: str) -> Recipe:
+        shape, _, extra = text.partition("@")
         try:
-            steps, updates, frames, lr, batch, *seed = text.split(":")
-            return cls(int(steps), int(updates), int(frames), float(lr), int(batch), *map(int, seed))
+            steps, updates, frames, lr, batch, *seed = shape.split(":")
+            recipe = cls(int(steps), int(updates), int(frames), float(lr), int(batch), *map(int, seed), extra=extra)
+            recipe.params(0)  # a bad extra param fails here, naming the key
+            return recipe
         except (ValueError, TypeError) as err:
-            raise argparse.ArgumentTypeError(f"recipe {text!r} is not steps:updates:frames:lr:batch[:seed]") from err
+            raise argparse.ArgumentTypeError(f"recipe {text!r} is not steps:updates:frames:lr:batch[:seed]"
+                                             f"[@key=value,...]: {err}") from err
+
+    def overrides(self) -> dict:
+        import yaml
+
+        pairs = [item.partition("=") for item in self.extra.split(",") if item]
+        if any(not sep for _, sep, _ in pairs):
+            raise ValueError(f"extra params {self.extra!r} are not key=value,...")
+        return {key: yaml.safe_load(value) for key, _, value in pairs}
 
     def params(self, workers: int, precision: str = "auto"):
         from stages.motion_pretrain import Params
 
-        return Params(flow_updates=self.updates, flow_clip_frames=self.frames,
+        return Params(**self.overrides(), flow_updates=self.updates, flow_clip_frames=self.frames,
                       flow_train={"steps": self.steps, "batch_size": self.batch, "base_lr": self.lr,
                                   "workers": workers, "checkpoint_every": self.steps,
                                   "log_every": max(1, self.steps // 10), "system_metrics_every": None,
@@ -98,7 +112,7 @@ def time_cpu_steps(recipe: Recipe, steps: int = 8) -> float:
     """CPU seconds per training step of `recipe`'s shape, through the stage's training code."""
     from stages.motion_pretrain import obtain_flow_model
 
-    params = Recipe(steps, recipe.updates, recipe.frames, recipe.lr, recipe.batch).params(0)
+    params = Recipe(steps, recipe.updates, recipe.frames, recipe.lr, recipe.batch, extra=recipe.extra).params(0)
     with tempfile.TemporaryDirectory(prefix="flow-budget-") as work:
         run_dir = Path(work) / "run"
         (Path(work) / "reports").mkdir()
@@ -113,12 +127,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--motion-gt", type=Path, default=Path("data/motion_gt"))
     parser.add_argument("--recipe", type=Recipe.parse, action="append",
-                        help="steps:updates:frames:lr:batch (repeatable; default: a built-in sweep)")
+                        help="steps:updates:frames:lr:batch[:seed][@key=value,...] (repeatable; the @ part sets other "
+                        "motion_pretrain params, e.g. @flow_motion_scale=0.5; default: a built-in sweep)")
     parser.add_argument("--parallel", type=int, default=None, help="recipes at once (default: 1 on CPU, "
                         "all on a GPU)")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per recipe")
-    parser.add_argument("--eval-updates", default="12", help="comma-separated RAFT updates when scoring "
-                        "(the first is the headline; the stage uses eval_flow_updates, 12)")
+    parser.add_argument("--eval-updates", default="8", help="comma-separated RAFT updates when scoring "
+                        "(the first is the headline; the stage uses eval_flow_updates, 8)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                         help="training precision (auto: bf16 autocast on a GPU, fp32 on CPU as the stage trains)")
     parser.add_argument("--time-cpu", action="store_true", help="time CPU training steps instead")
@@ -155,7 +170,7 @@ def main() -> None:
     for r in rows:
         print(f"  {r['steps']:>6} {r['updates']:>7} {r['frames']:>6} {r['lr']:>8.0e} {r['batch']:>5} {r['seed']:>4} "
               f"{r['train_s']:>8.1f} {r['epe']:>7.3f} {r['epe_ratio']:>8.3f} {r['acc_1px']:>7.3f}"
-              + "".join(f" {r[k]:>16.3f}" for k in others))
+              + "".join(f" {r[k]:>16.3f}" for k in others) + (f"  {r['extra']}" if r["extra"] else ""))
 
 
 if __name__ == "__main__":
