@@ -67,22 +67,19 @@ class Recipe:
             raise argparse.ArgumentTypeError(f"recipe {text!r} is not steps:updates:frames:lr:batch[:seed]"
                                              f"[@key=value,...]: {err}") from err
 
-    def overrides(self) -> dict:
-        import yaml
-
-        pairs = [item.partition("=") for item in self.extra.split(",") if item]
-        if any(not sep for _, sep, _ in pairs):
-            raise ValueError(f"extra params {self.extra!r} are not key=value,...")
-        return {key: yaml.safe_load(value) for key, _, value in pairs}
-
     def params(self, workers: int, precision: str = "auto"):
+        """The stage's params for this recipe; the @ part is applied on top as `--set
+        motion_pretrain.<key>=<value>` would be (nested keys too: flow_train.warmup_steps=5)."""
+        from pipeline.params import apply_overrides
         from stages.motion_pretrain import Params
 
-        return Params(**self.overrides(), flow_updates=self.updates, flow_clip_frames=self.frames,
-                      flow_train={"steps": self.steps, "batch_size": self.batch, "base_lr": self.lr,
-                                  "workers": workers, "checkpoint_every": self.steps,
-                                  "log_every": max(1, self.steps // 10), "system_metrics_every": None,
-                                  "seed": self.seed, "precision": precision})
+        recipe = {"flow_updates": self.updates, "flow_clip_frames": self.frames,
+                  "flow_train": {"steps": self.steps, "batch_size": self.batch, "base_lr": self.lr,
+                                 "workers": workers, "checkpoint_every": self.steps,
+                                 "log_every": max(1, self.steps // 10), "system_metrics_every": None,
+                                 "seed": self.seed, "precision": precision}}
+        extra = [f"motion_pretrain.{item}" for item in self.extra.split(",") if item]
+        return Params(**apply_overrides({"motion_pretrain": recipe}, extra)["motion_pretrain"])
 
 
 def train_and_score(recipe: Recipe, motion_gt: Path, workers: int, eval_updates: tuple[int, ...],
@@ -128,7 +125,7 @@ def main() -> None:
     parser.add_argument("--motion-gt", type=Path, default=Path("data/motion_gt"))
     parser.add_argument("--recipe", type=Recipe.parse, action="append",
                         help="steps:updates:frames:lr:batch[:seed][@key=value,...] (repeatable; the @ part sets other "
-                        "motion_pretrain params, e.g. @flow_motion_scale=0.5; default: a built-in sweep)")
+                        "motion_pretrain params, e.g. @flow_model=raft_large; default: a built-in sweep)")
     parser.add_argument("--parallel", type=int, default=None, help="recipes at once (default: 1 on CPU, "
                         "all on a GPU)")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per recipe")
