@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -109,7 +109,7 @@ def time_cpu_steps(recipe: Recipe, steps: int = 8) -> float:
     """CPU seconds per training step of `recipe`'s shape, through the stage's training code."""
     from stages.motion_pretrain import obtain_flow_model
 
-    params = Recipe(steps, recipe.updates, recipe.frames, recipe.lr, recipe.batch, extra=recipe.extra).params(0)
+    params = replace(recipe, steps=steps, seed=0).params(0)
     with tempfile.TemporaryDirectory(prefix="flow-budget-") as work:
         run_dir = Path(work) / "run"
         (Path(work) / "reports").mkdir()

@@ -215,8 +215,7 @@ def _plan(store_dir: Path, frames_shape: tuple[int, ...], attrs: dict, signature
 
 def _signature(params: Params, clips: Path, shape: tuple[int, ...], tokenizer_sha256: str) -> str:
     """Identifies the work: params (not the device or the writers, so shards may run on CPUs and GPUs
-    alike), the
-    tokenizer's bytes and the clips store (path, shape and when its metadata was written)."""
+    alike), the tokenizer's bytes and the clips store (path, shape and when its metadata was written)."""
     stamps = [(p.name, p.stat().st_mtime_ns) for p in (Path(clips) / "zarr.json",
                                                       Path(clips) / "frames" / "zarr.json") if p.exists()]
     work = params.model_copy(update={"device": "auto", "writers": 1})
