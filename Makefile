@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install ffmpeg demo test test-all bench clean
+.PHONY: install ffmpeg demo lint test test-all bench clean
 
 install: ffmpeg $(STAMP)
 
@@ -36,7 +36,11 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/dvc repro
 
-test: install
+# ruff (pyproject.toml [tool.ruff]) and the contract tests (tests/test_contracts.py) run with the suite.
+lint: install
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
 
 test-all: install

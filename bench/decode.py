@@ -22,10 +22,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results_file import save_results  # noqa: E402
-os.environ.setdefault("MAM2_TRACKING", "0")
+
+os.environ.setdefault("MAM2_MLFLOW", "0")
 os.environ.setdefault("MAM2_PROGRESS", "0")
 
-from pipeline.video import center_crop, scaled_size, write_mp4  # noqa: E402
+from pipeline.data.video import center_crop, scaled_size, write_mp4  # noqa: E402
 from stages.decode import Params, run, sample_clips  # noqa: E402
 
 
@@ -69,7 +70,8 @@ def timed(fn) -> tuple[float, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=24)
     parser.add_argument("--frames", type=int, default=120)
     parser.add_argument("--height", type=int, default=360)

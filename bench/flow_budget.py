@@ -31,7 +31,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("MAM2_TRACKING", "0")
+os.environ.setdefault("MAM2_MLFLOW", "0")
 os.environ.setdefault("MAM2_PROGRESS", "0")
 
 import torch  # noqa: E402
@@ -60,7 +60,8 @@ class Recipe:
         shape, _, extra = text.partition("@")
         try:
             steps, updates, frames, lr, batch, *seed = shape.split(":")
-            recipe = cls(int(steps), int(updates), int(frames), float(lr), int(batch), *map(int, seed), extra=extra)
+            recipe = cls(int(steps), int(updates), int(frames), float(lr), int(batch), *map(int, seed),
+                         extra=extra)
             recipe.params(0)  # a bad extra param fails here, naming the key
             return recipe
         except (ValueError, TypeError) as err:
@@ -70,7 +71,7 @@ class Recipe:
     def params(self, workers: int, precision: str = "auto"):
         """The stage's params for this recipe; the @ part is applied on top as `--set
         motion_pretrain.<key>=<value>` would be (nested keys too: flow_train.warmup_steps=5)."""
-        from pipeline.params import apply_overrides
+        from pipeline.core.params import apply_overrides
         from stages.motion_pretrain import Params
 
         recipe = {"flow_updates": self.updates, "flow_clip_frames": self.frames,
@@ -121,18 +122,21 @@ def time_cpu_steps(recipe: Recipe, steps: int = 8) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--motion-gt", type=Path, default=Path("data/motion_gt"))
     parser.add_argument("--recipe", type=Recipe.parse, action="append",
-                        help="steps:updates:frames:lr:batch[:seed][@key=value,...] (repeatable; the @ part sets other "
-                        "motion_pretrain params, e.g. @flow_model=raft_large; default: a built-in sweep)")
+                        help="steps:updates:frames:lr:batch[:seed][@key=value,...] (repeatable; the @ part "
+                        "sets other motion_pretrain params, e.g. @flow_model=raft_large; default: a built-in "
+                        "sweep)")
     parser.add_argument("--parallel", type=int, default=None, help="recipes at once (default: 1 on CPU, "
                         "all on a GPU)")
     parser.add_argument("--workers", type=int, default=1, help="data-loader workers per recipe")
     parser.add_argument("--eval-updates", default="8", help="comma-separated RAFT updates when scoring "
                         "(the first is the headline; the stage uses eval_flow_updates, 8)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                        help="training precision (auto: bf16 autocast on a GPU, fp32 on CPU as the stage trains)")
+                        help="training precision (auto: bf16 autocast on a GPU, fp32 on CPU as the stage "
+                        "trains)")
     parser.add_argument("--time-cpu", action="store_true", help="time CPU training steps instead")
     args = parser.parse_args()
     recipes = args.recipe or [Recipe.parse(r) for r in DEFAULT_RECIPES]
@@ -140,7 +144,8 @@ def main() -> None:
         shapes = {(r.updates, r.frames, r.batch): r for r in recipes}  # the rate does not change the cost
         rows = [{"updates": u, "frames": f, "batch": b, "cpu_step_s": time_cpu_steps(r)}
                 for (u, f, b), r in sorted(shapes.items())]
-        device = save_results("flow_budget_cpu_steps", {"torch_threads": torch.get_num_threads(), "rows": rows})
+        device = save_results("flow_budget_cpu_steps",
+                              {"torch_threads": torch.get_num_threads(), "rows": rows})
         print(f"flow training step on {device} ({torch.get_num_threads()} threads)")
         for row in rows:
             print(f"  updates {row['updates']}  frames {row['frames']}  batch {row['batch']}: "
@@ -156,17 +161,19 @@ def main() -> None:
         n = len(recipes)
         rows = list(pool.map(train_and_score, recipes, [args.motion_gt] * n, [args.workers] * n,
                              [eval_updates] * n, [args.precision] * n))
-    results = {"torch": torch.__version__, "precision": args.precision, "parallel": parallel, "wall_s": round(time.perf_counter() - start, 1),
-               "rows": rows}
+    results = {"torch": torch.__version__, "precision": args.precision, "parallel": parallel,
+               "wall_s": round(time.perf_counter() - start, 1), "rows": rows}
     device = save_results("flow_budget", results, cuda=cuda)
     print(f"flow pre-training recipes on {device}, scored on {args.motion_gt} (zero-motion EPE "
           f"{rows[0]['epe_zero_motion']:.3f} px), {parallel} at once, {results['wall_s']} s")
     others = [k for k in rows[0] if k.startswith("epe_at_")][1:]
     print(f"  {'steps':>6} {'updates':>7} {'frames':>6} {'lr':>8} {'batch':>5} {'seed':>4} {'train_s':>8} "
-          f"{'EPE':>7} {'EPE/zero':>8} {'acc1px':>7}" + "".join(f" {k.removeprefix('epe_'):>16}" for k in others))
+          f"{'EPE':>7} {'EPE/zero':>8} {'acc1px':>7}"
+          + "".join(f" {k.removeprefix('epe_'):>16}" for k in others))
     for r in rows:
-        print(f"  {r['steps']:>6} {r['updates']:>7} {r['frames']:>6} {r['lr']:>8.0e} {r['batch']:>5} {r['seed']:>4} "
-              f"{r['train_s']:>8.1f} {r['epe']:>7.3f} {r['epe_ratio']:>8.3f} {r['acc_1px']:>7.3f}"
+        print(f"  {r['steps']:>6} {r['updates']:>7} {r['frames']:>6} {r['lr']:>8.0e} {r['batch']:>5} "
+              f"{r['seed']:>4} {r['train_s']:>8.1f} {r['epe']:>7.3f} {r['epe_ratio']:>8.3f} "
+              f"{r['acc_1px']:>7.3f}"
               + "".join(f" {r[k]:>16.3f}" for k in others) + (f"  {r['extra']}" if r["extra"] else ""))
 
 

@@ -32,14 +32,15 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results_file import save_results  # noqa: E402
-os.environ.setdefault("MAM2_TRACKING", "0")
+
+os.environ.setdefault("MAM2_MLFLOW", "0")
 os.environ.setdefault("MAM2_PROGRESS", "0")
 
 from models.masking import make_mask  # noqa: E402
-from pipeline.pretrain_data import PretrainDataset, Sampling, crop_pixels, draw_crop  # noqa: E402
-from pipeline.stores import compressor  # noqa: E402
-from pipeline.training import Dist, SeededBatchSampler, TrainParams  # noqa: E402
-from pipeline.video import center_crop, scaled_size, write_mp4  # noqa: E402
+from pipeline.core.stores import compressor  # noqa: E402
+from pipeline.core.training import Dist, SeededBatchSampler, TrainParams  # noqa: E402
+from pipeline.data.pretrain_data import PretrainDataset, Sampling, crop_pixels, draw_crop  # noqa: E402
+from pipeline.data.video import center_crop, scaled_size, write_mp4  # noqa: E402
 from stages.decode import Params as DecodeParams  # noqa: E402
 from stages.decode import run as decode  # noqa: E402
 
@@ -87,7 +88,8 @@ class DecodingDataset(torch.utils.data.Dataset):
         self.stored_frames, self.size = store["frames"].shape[1], store["frames"].shape[2]
         self.sampling, self.stride = sampling, stride
         self.sizes = [self._scaled(path) for path in self.paths]  # VideoMAE's fixed new_width/new_height
-        self.grid = (sampling.num_frames // sampling.tubelet_size,) + (sampling.input_size // sampling.patch_size,) * 2
+        self.grid = ((sampling.num_frames // sampling.tubelet_size,)
+                     + (sampling.input_size // sampling.patch_size,) * 2)
 
     def __len__(self) -> int:
         return len(self.video)
@@ -129,7 +131,8 @@ def clips_per_second(dataset: torch.utils.data.Dataset, workers: int, steps: int
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=12)
     parser.add_argument("--seconds", type=float, default=8.0, help="length of each source video")
     parser.add_argument("--height", type=int, default=240)

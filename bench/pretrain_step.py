@@ -29,7 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results_file import save_results  # noqa: E402
-os.environ.setdefault("MAM2_TRACKING", "0")
+
+os.environ.setdefault("MAM2_MLFLOW", "0")
 
 from models.mam2 import MAM2, build_mam2  # noqa: E402
 from models.masking import tube_mask  # noqa: E402
@@ -64,7 +65,8 @@ def synthetic_batch(model: MAM2, batch: int, frames: int, size: int, device: tor
 def make_step(model: torch.nn.Module, dtype: torch.dtype | None, device: torch.device):
     """One training step (forward, backward, AdamW) as a closure over its optimiser."""
     fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                                  fused=fused)
 
     def step(clip, mask, targets) -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -189,8 +191,8 @@ def cuda_figures(steps: int, compile_model: bool) -> dict:
         torch.manual_seed(0)
         return build_mam2("base", img_size=224, num_frames=16, codebook_size=1024).to(device)
 
-    figures: dict = {"gpu": name, "bf16_peak_tflops": peak / 1e12, "peak_source": "spec" if spec else "measured",
-                     "bf16_matmul_tflops": measured / 1e12}
+    figures: dict = {"gpu": name, "bf16_peak_tflops": peak / 1e12,
+                     "peak_source": "spec" if spec else "measured", "bf16_matmul_tflops": measured / 1e12}
     bf16_batch = largest_batch(make, 16, 224, torch.bfloat16, device)
     fp32_batch = largest_batch(make, 16, 224, None, device, cap=bf16_batch)
     torch.cuda.reset_peak_memory_stats(device)
@@ -212,7 +214,8 @@ def cuda_figures(steps: int, compile_model: bool) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per measurement (best is kept)")
     parser.add_argument("--no-compile", action="store_true", help="bf16 run without torch.compile")
     parser.add_argument("--cpu-only", action="store_true", help="skip the CUDA figures")

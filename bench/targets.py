@@ -25,13 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.results_file import save_results  # noqa: E402
-os.environ.setdefault("MAM2_TRACKING", "0")
+
+os.environ.setdefault("MAM2_MLFLOW", "0")
 os.environ.setdefault("MAM2_PROGRESS", "0")
 
 from models.vqgan import VQGAN, VQGANConfig, save_vqgan  # noqa: E402
-from pipeline.stores import create_clips_store  # noqa: E402
-from pipeline.synthetic import MOTION_CLASSES, render_class_clip  # noqa: E402
-from pipeline.tensors import clip_to_tensor  # noqa: E402
+from pipeline.core.stores import create_clips_store  # noqa: E402
+from pipeline.core.tensors import clip_to_tensor  # noqa: E402
+from pipeline.data.synthetic import MOTION_CLASSES, render_class_clip  # noqa: E402
 from stages.targets import Params, pick_device, run  # noqa: E402
 
 
@@ -84,7 +85,8 @@ def official_encoder_bf16(frames: int = 64, repeats: int = 5) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clips", type=int, default=24)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=128)
@@ -102,7 +104,8 @@ def main() -> None:
         clips = make_clips(work / "clips.zarr", args.clips, args.frames, args.size)
         model = make_tokenizer(work / "vqgan.pt", clips)
         model.to(device)
-        batches = [clip_to_tensor(torch.from_numpy(clips[s:s + params.clips_per_batch])).to(device).mul_(2).sub_(1)
+        batches = [clip_to_tensor(torch.from_numpy(clips[s:s + params.clips_per_batch]))
+                   .to(device).mul_(2).sub_(1)
                    for s in range(0, len(clips), params.clips_per_batch)]
         best: dict[str, float] = {}
         # Alternate reference and stage and keep each one's best time: load bursts on a shared

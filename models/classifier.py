@@ -11,7 +11,7 @@ in eval mode (no drop path) whatever ``train()`` is called with.
 ``layer_decay_param_groups`` builds AdamW groups for layer-wise learning-rate decay (BEiT/VideoMAE):
 the head and the norms after the last block get lr x 1, block i (0-based, of ``depth``) lr x
 decay^(depth - i), and the patch embedding / position table lr x decay^(depth + 1). Each group carries
-``lr_scale`` and ``weight_decay`` as ``pipeline.training.train`` expects.
+``lr_scale`` and ``weight_decay`` as ``pipeline.core.training.train`` expects.
 
 Checkpoints (``save_classifier`` / ``load_classifier``) hold {"format": "mam2.classifier", "config",
 "state_dict"}; the config rebuilds the encoder (``build_encoder`` kwargs), the head and the input norm.
@@ -141,8 +141,9 @@ def layer_decay_param_groups(model: VideoClassifier, weight_decay: float, layer_
 def classifier_config(model: VideoClassifier, encoder_config: dict[str, Any], class_names: list[str]) -> dict:
     """Everything `load_classifier` needs besides the weights."""
     pos = model.encoder.pos_embed
-    return {"encoder": dict(encoder_config), "num_classes": model.num_classes, "class_names": list(class_names),
-            "input_norm": model.input_norm, "final_norm": not isinstance(model.encoder.norm, nn.Identity),
+    return {"encoder": dict(encoder_config), "num_classes": model.num_classes,
+            "class_names": list(class_names), "input_norm": model.input_norm,
+            "final_norm": not isinstance(model.encoder.norm, nn.Identity),
             "pos_table_grid": list(pos.grid) if isinstance(pos, TablePosEmbed) else None}
 
 

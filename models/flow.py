@@ -66,7 +66,8 @@ def build_flow_model(name: str = "raft_small") -> RAFT:
 
 
 def pad_to_multiple(x: Tensor, multiple: int, min_size: int = 0) -> tuple[Tensor, tuple[int, int, int, int]]:
-    """Replicate-pad the last two dims of ``x`` (..., H, W) to a multiple of ``multiple``, at least ``min_size``.
+    """Replicate-pad the last two dims of ``x`` (..., H, W) to a multiple of ``multiple``, at least
+    ``min_size``.
 
     Padding is split evenly between the two sides (the content stays centred, as the original RAFT
     does for Sintel). Returns the padded tensor and ``pads = (left, right, top, bottom)``; a pixel
@@ -112,13 +113,23 @@ def estimate_flow(
     needs). Gradients flow unless the caller wraps this in ``torch.no_grad()``.
     """
     if img0.shape != img1.shape or img0.dim() != 4 or img0.shape[1] != 3:
-        raise ValueError(f"expected two (B, 3, H, W) images of one shape, got {tuple(img0.shape)}, {tuple(img1.shape)}")
+        raise ValueError(f"expected two (B, 3, H, W) images of one shape, got {tuple(img0.shape)}, "
+                         f"{tuple(img1.shape)}")
     # torchvision's RAFT expects [-1, 1], as the original's ``2 * (img / 255) - 1``.
     pair = torch.stack([to_unit_range(img0), to_unit_range(img1)]) * 2 - 1  # (2, B, 3, H, W)
     pair, pads = pad_to_multiple(pair, RAFT_STRIDE, RAFT_MIN_SIZE)
     preds = model(pair[0], pair[1], num_flow_updates=num_updates)
     preds = [unpad(p, pads) for p in preds]
     return preds if return_all else preds[-1]
+
+
+def lands_inside(flow: Tensor) -> Tensor:
+    """(B, H, W) bool: pixels whose flow target x + f lies inside the image."""
+    _, _, h, w = flow.shape
+    ys, xs = torch.meshgrid(torch.arange(h, device=flow.device), torch.arange(w, device=flow.device),
+                            indexing="ij")
+    x, y = xs + flow[:, 0], ys + flow[:, 1]
+    return (x >= 0) & (x <= w - 1) & (y >= 0) & (y <= h - 1)
 
 
 def warp(image: Tensor, flow: Tensor, padding_mode: str = "zeros") -> Tensor:
@@ -139,10 +150,12 @@ def warp(image: Tensor, flow: Tensor, padding_mode: str = "zeros") -> Tensor:
     y = ys + flow[:, 1]
     # align_corners=True: -1 and +1 are the centres of the first and last pixels.
     grid = torch.stack([2 * x / max(w - 1, 1) - 1, 2 * y / max(h - 1, 1) - 1], dim=-1)
-    return F.grid_sample(image.to(flow.dtype), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    return F.grid_sample(image.to(flow.dtype), grid, mode="bilinear", padding_mode=padding_mode,
+                         align_corners=True)
 
 
-def flow_sequence_loss(preds: list[Tensor], target: Tensor, valid: Tensor | None = None, gamma: float = 0.85) -> Tensor:
+def flow_sequence_loss(preds: list[Tensor], target: Tensor, valid: Tensor | None = None,
+                       gamma: float = 0.85) -> Tensor:
     """RAFT's sequence loss: sum_i gamma^(n-1-i) * masked-mean |pred_i - target| over the n updates.
 
     preds: list of (B, 2, H, W); target (B, 2, H, W); valid (B, H, W) bool/float or None (all valid).
@@ -273,7 +286,8 @@ def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
 
 
 def read_weights(path: str | Path) -> object:
-    """``torch.load(path, weights_only=True)`` on CPU; any failure becomes a ``CheckpointError`` naming the file."""
+    """``torch.load(path, weights_only=True)`` on CPU; any failure becomes a ``CheckpointError`` naming
+    the file."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -285,7 +299,8 @@ def read_weights(path: str | Path) -> object:
 def check_fits(
     state: dict[str, Tensor], expected: dict[str, Tensor], header: str, name=str, optional=(), unexpected=()
 ) -> None:
-    """Raise ``CheckpointError(header + key lists)`` unless ``state`` has exactly ``expected``'s keys and shapes.
+    """Raise ``CheckpointError(header + key lists)`` unless ``state`` has exactly ``expected``'s keys and
+    shapes.
 
     ``name`` renders a key for the message; keys ending in one of ``optional`` may be absent;
     ``unexpected`` adds keys already found not to fit (e.g. during renaming).
@@ -301,7 +316,8 @@ def check_fits(
         lines = [header]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if keys:
-                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:20])
+                             + (" ..." if len(keys) > 20 else ""))
         raise CheckpointError("\n".join(lines))
 
 

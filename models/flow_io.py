@@ -13,8 +13,14 @@ from pathlib import Path
 import torch
 from torchvision.models.optical_flow import RAFT
 
-from models.flow import (FLOW_MODELS, CheckpointError, build_flow_model, check_fits, load_flow_checkpoint,
-                         read_weights)
+from models.flow import (
+    FLOW_MODELS,
+    CheckpointError,
+    build_flow_model,
+    check_fits,
+    load_flow_checkpoint,
+    read_weights,
+)
 
 FLOW_FORMAT = "mam2.flow"
 

@@ -51,8 +51,10 @@ class MAM2(nn.Module):
         encoder: the ``VideoViT`` being pre-trained (kept as ``self.encoder`` for saving).
         objective: a key of ``OBJECTIVES``.
         codebook_size, code_downsample: the VQGAN's codebook size and spatial down-sampling f.
-        decoder_dim, decoder_depth, decoder_heads: each decoder's width, blocks and heads (VideoMAE's 384/4/6).
-        regressor_depth, regressor_heads: CAE-style regressor at the encoder width (heads default: encoder's).
+        decoder_dim, decoder_depth, decoder_heads: each decoder's width, blocks and heads (VideoMAE's
+            384/4/6).
+        regressor_depth, regressor_heads: CAE-style regressor at the encoder width (heads default:
+            encoder's).
         layer_scale: the regressor's layer-scale init. regressor_drop_path: its stochastic depth rate.
         appearance_weight, motion_weight: loss weights of the two targets.
         align_weight: weight of the alignment loss (MSE between regressor outputs and a no-grad encoder
@@ -60,8 +62,9 @@ class MAM2(nn.Module):
     """
 
     def __init__(self, encoder: VideoViT, objective: str = "mam2", *, codebook_size: int = 1024,
-                 code_downsample: int = 16, decoder_dim: int = 384, decoder_depth: int = 4, decoder_heads: int = 6,
-                 regressor_depth: int = 4, regressor_heads: int | None = None, layer_scale: float = 0.1,
+                 code_downsample: int = 16, decoder_dim: int = 384, decoder_depth: int = 4,
+                 decoder_heads: int = 6, regressor_depth: int = 4, regressor_heads: int | None = None,
+                 layer_scale: float = 0.1,
                  regressor_drop_path: float = 0.0, appearance_weight: float = 1.0, motion_weight: float = 1.0,
                  align_weight: float = 0.0) -> None:
         super().__init__()
@@ -70,19 +73,22 @@ class MAM2(nn.Module):
         spec = self.spec = OBJECTIVES[objective]
         self.objective, self.encoder = objective, encoder
         self.codebook_size, self.code_downsample = codebook_size, code_downsample
-        self.appearance_weight, self.motion_weight, self.align_weight = appearance_weight, motion_weight, align_weight
+        self.appearance_weight, self.motion_weight, self.align_weight = (appearance_weight, motion_weight,
+                                                                         align_weight)
         t, p, d = encoder.tubelet_size, encoder.patch_size, encoder.embed_dim
         voxels = t * p * p * encoder.in_chans  # values per tubelet
-        self.regressor = Regressor(d, regressor_depth, regressor_heads or encoder.num_heads, init_values=layer_scale,
+        self.regressor = Regressor(d, regressor_depth, regressor_heads or encoder.num_heads,
+                                   init_values=layer_scale,
                                    drop_path_rate=regressor_drop_path) if spec.regressor else None
-        dec = partial(Decoder, d, grid=encoder.grid, dim=decoder_dim, depth=decoder_depth, num_heads=decoder_heads,
-                      from_visible=not spec.regressor)
+        dec = partial(Decoder, d, grid=encoder.grid, dim=decoder_dim, depth=decoder_depth,
+                      num_heads=decoder_heads, from_visible=not spec.regressor)
         self.codes_per_token = codes_per_token(t, p, code_downsample) if spec.appearance else 0
         self.appearance_decoder = dec(self.codes_per_token * codebook_size) if spec.appearance else None
         self.motion_decoder = dec(voxels) if spec.motion else None
         self.pixel_decoder = dec(voxels) if spec.pixels else None
 
-    def forward(self, clip: Tensor, mask: Tensor, targets: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def forward(self, clip: Tensor, mask: Tensor,
+                targets: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
         """clip (B, C, T, H, W) float; mask (B, N) bool, True = masked; targets as the objective needs:
 
         ``codes`` (B, T, H/f, W/f) long, ``rgb_diff`` (B, C, T-1, H, W), optional ``pixels`` (B, C, T, H, W)
@@ -129,7 +135,8 @@ class MAM2(nn.Module):
 
         if self.pixel_decoder is not None:
             pixels = targets.get("pixels", clip)
-            target = take_tokens(pixel_target(pixels, enc.tubelet_size, enc.patch_size), split.masked)  # (B, M, P)
+            target = take_tokens(pixel_target(pixels, enc.tubelet_size, enc.patch_size),
+                                 split.masked)  # (B, M, P)
             pred = self.pixel_decoder(x, split, grid)
             losses["pixel"] = (F.mse_loss(pred.float(), target), 1.0)
             out["pred_pixels"] = pred.detach()
@@ -144,7 +151,8 @@ class MAM2(nn.Module):
         b, _, t, h, w = clip.shape
         f = self.code_downsample
         if tuple(codes.shape) != (b, t, h // f, w // f):
-            raise ValueError(f"codes must be (B, T, H/f, W/f) = {(b, t, h // f, w // f)}, got {tuple(codes.shape)}")
+            raise ValueError(f"codes must be (B, T, H/f, W/f) = {(b, t, h // f, w // f)}, "
+                             f"got {tuple(codes.shape)}")
         if codes.is_floating_point():
             raise ValueError(f"codes must be integer indices in [0, {self.codebook_size})")
         # The range check reads the values back to the host: on an accelerator that would stall every step
@@ -160,7 +168,8 @@ class MAM2(nn.Module):
         diff = _require(targets, "rgb_diff", self.objective)
         b, c, t, h, w = clip.shape
         if tuple(diff.shape) != (b, c, t - 1, h, w):
-            raise ValueError(f"rgb_diff must be (B, C, T-1, H, W) = {(b, c, t - 1, h, w)}, got {tuple(diff.shape)}")
+            raise ValueError(f"rgb_diff must be (B, C, T-1, H, W) = {(b, c, t - 1, h, w)}, "
+                             f"got {tuple(diff.shape)}")
         return diff
 
 
@@ -173,5 +182,6 @@ def _require(targets: dict[str, Tensor], key: str, objective: str) -> Tensor:
 def build_mam2(encoder_name: str = "base", *, img_size: int = 224, num_frames: int = 16, patch_size: int = 16,
                tubelet_size: int = 2, encoder_kw: dict | None = None, **kw) -> MAM2:
     """``MAM2(build_encoder(encoder_name, ...), **kw)``: a named encoder size with its pre-training heads."""
-    encoder = build_encoder(encoder_name, img_size, num_frames, patch_size, tubelet_size, **(encoder_kw or {}))
+    encoder = build_encoder(encoder_name, img_size, num_frames, patch_size, tubelet_size,
+                            **(encoder_kw or {}))
     return MAM2(encoder, **kw)

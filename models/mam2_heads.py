@@ -23,7 +23,8 @@ from models.video_vit import Grid, SinCosPosEmbed, TokenSplit, init_weights, mak
 
 
 class CrossAttention(nn.Module):
-    """Multi-head attention of queries (B, M, D) over keys/values (B, L, D) via scaled-dot-product attention."""
+    """Multi-head attention of queries (B, M, D) over keys/values (B, L, D) via scaled-dot-product
+    attention."""
 
     def __init__(self, dim: int, num_heads: int, attn_drop: float = 0.0) -> None:
         super().__init__()

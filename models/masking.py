@@ -18,7 +18,8 @@ MASK_KINDS = ("tube", "random")
 
 
 def num_masked(n: int, ratio: float) -> int:
-    """round(ratio * n) tokens to mask (round(0.9 * 196) = 176), rejecting ratios that leave nothing visible."""
+    """round(ratio * n) tokens to mask (round(0.9 * 196) = 176), rejecting ratios that leave nothing
+    visible."""
     if not 0.0 <= ratio < 1.0:
         raise ValueError(f"mask ratio must be in [0, 1), got {ratio}")
     return int(round(ratio * n))

@@ -33,7 +33,8 @@ def _as_float(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def normalize_patches(tokens: Tensor, channels: int = 3, valid: Tensor | None = None, eps: float = 1e-6) -> Tensor:
+def normalize_patches(tokens: Tensor, channels: int = 3, valid: Tensor | None = None,
+                      eps: float = 1e-6) -> Tensor:
     """Per tubelet and channel: (x - mean) / (unbiased std + eps) over the tubelet's voxels.
 
     tokens (B, N, L*C) with features (l c); ``valid`` (N, L) or (B, N, L) bool restricts the statistics to
@@ -68,7 +69,8 @@ def motion_target(rgb_diff: Tensor, tubelet_size: int, patch_size: int,
     """
     c, t = rgb_diff.shape[1], rgb_diff.shape[2] + 1
     if t % tubelet_size:
-        raise ValueError(f"rgb_diff has {t - 1} frames: a clip of {t} frames is not a whole number of tubelets")
+        raise ValueError(f"rgb_diff has {t - 1} frames: a clip of {t} frames is not a whole number of "
+                         f"tubelets")
     diff = F.pad(_as_float(rgb_diff), (0, 0, 0, 0, 0, 1))  # (B, C, T, H, W): zero slot for the last frame
     hp, wp = diff.shape[3] // patch_size, diff.shape[4] // patch_size
     frame_valid = torch.arange(t, device=diff.device) < t - 1  # (T,)
@@ -83,7 +85,8 @@ def motion_target(rgb_diff: Tensor, tubelet_size: int, patch_size: int,
 def codes_per_token(tubelet_size: int, patch_size: int, downsample: int) -> int:
     """Codes under one tubelet: tubelet * (patch/f)^2."""
     if patch_size % downsample:
-        raise ValueError(f"patch size {patch_size} must be a multiple of the tokenizer's down-sampling {downsample}")
+        raise ValueError(f"patch size {patch_size} must be a multiple of the tokenizer's down-sampling "
+                         f"{downsample}")
     return tubelet_size * (patch_size // downsample) ** 2
 
 
@@ -91,4 +94,5 @@ def code_target(codes: Tensor, tubelet_size: int, patch_size: int, downsample: i
     """Appearance target: codes (B, T, H/f, W/f) -> (B, N, tubelet*(patch/f)^2) long, ordered (pt ph pw)."""
     codes_per_token(tubelet_size, patch_size, downsample)
     k = patch_size // downsample
-    return rearrange(codes.long(), "b (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw)", pt=tubelet_size, ph=k, pw=k)
+    return rearrange(codes.long(), "b (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw)", pt=tubelet_size,
+                     ph=k, pw=k)

@@ -62,7 +62,8 @@ class TrackerConfig:
 
 def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Sequential:
     # Instance norm: correlation should not depend on a clip's global brightness or contrast.
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2), nn.InstanceNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2), nn.InstanceNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 class TemporalBlock(nn.Module):
@@ -120,7 +121,8 @@ class PointTracker(nn.Module):
         return self.config.stride * 2 ** (self.config.levels - 1)
 
     def encode(self, frames: Tensor) -> Tensor:
-        """(F, 3, H, W) in [-1, 1], sides multiples of ``pad_multiple`` -> unit-norm features (F, C, H/s, W/s)."""
+        """(F, 3, H, W) in [-1, 1], sides multiples of ``pad_multiple`` -> unit-norm features
+        (F, C, H/s, W/s)."""
         # Unit norm: correlations become cosine similarities in [-1, 1], so the soft-argmax below is
         # sharp from the first step, before the features are trained.
         return F.normalize(self.encoder(frames), dim=1)
@@ -137,7 +139,8 @@ class PointTracker(nn.Module):
         return F.normalize(self._sample(fmap, self._to_cells(xy, 0)), dim=-1)
 
     def correlation_pyramid(self, fmaps: Tensor, qfeat: Tensor) -> list[Tensor]:
-        """Per-point correlation maps: fmaps (B*S, C, h, w), qfeat (B, N, C) -> levels of (B*S*N, 1, h_l, w_l)."""
+        """Per-point correlation maps: fmaps (B*S, C, h, w), qfeat (B, N, C) -> levels of
+        (B*S*N, 1, h_l, w_l)."""
         b = qfeat.shape[0]
         fmaps = rearrange(fmaps, "(b s) c h w -> b s c h w", b=b)
         corr = torch.einsum("bnc,bschw->bsnhw", qfeat, fmaps)
@@ -240,7 +243,8 @@ def _track_forward(
     vis[at_query] = -UNTRACKED_LOGIT  # visible where it was clicked
     for bi in range(b):  # clips differ in which points are active when; one at a time keeps that simple
         # Encode every frame once (in chunks to bound memory); windows then only index the features.
-        fmaps = torch.cat([model.encode(frames[bi, i : i + chunk]) for i in range(0, t, chunk)])  # (T, C, h, w)
+        fmaps = torch.cat([model.encode(frames[bi, i : i + chunk])
+                           for i in range(0, t, chunk)])  # (T, C, h, w)
         qfeat = torch.zeros(n, cfg.feat_dim, device=video.device)
         for frame in qt[bi].unique().tolist():  # each point's feature from its own query frame
             sel = (qt[bi] == frame).nonzero()[:, 0]
@@ -250,7 +254,8 @@ def _track_forward(
         for phase in range(step):
             for start in range(phase, t - 1, step):
                 active = ((qt[bi] <= start) & (qt[bi] % step == phase)).nonzero()[:, 0]
-                idx = torch.arange(start, start + cfg.window, device=video.device).clamp(max=t - 1)  # repeat tail
+                idx = torch.arange(start, start + cfg.window,
+                                   device=video.device).clamp(max=t - 1)  # repeat tail
                 end = min(start + cfg.window, t)
                 for sel in active.split(point_chunk):  # correlation maps cost N*H*W per frame: bound N
                     init = repeat(coords[bi, start, sel], "n t -> 1 s n t", s=cfg.window)
@@ -294,7 +299,8 @@ def track_long(
     if len(out) == 1:
         return out[0]
     (fc, fv), (bc, bv) = out
-    before = torch.arange(t, device=video.device)[None, :, None] < queries[..., 0].round()[:, None, :]  # (B, T, N)
+    before = (torch.arange(t, device=video.device)[None, :, None]
+              < queries[..., 0].round()[:, None, :])  # (B, T, N)
     return torch.where(before[..., None], bc, fc), torch.where(before, bv, fv)
 
 
@@ -327,11 +333,13 @@ def visibility_loss(logits: Tensor, visible: Tensor, valid: Tensor | None = None
 
 def save_tracker(model: PointTracker, path: str | Path) -> None:
     """Write {"config", "state_dict"}: plain types and tensors only, loadable with weights_only=True."""
-    torch.save({"format": TRACKER_FORMAT, "config": asdict(model.config), "state_dict": model.state_dict()}, path)
+    torch.save({"format": TRACKER_FORMAT, "config": asdict(model.config),
+                "state_dict": model.state_dict()}, path)
 
 
 def load_tracker(path: str | Path) -> PointTracker:
-    """Rebuild a tracker from ``save_tracker``'s file; ``CheckpointError`` if it is not one or does not fit."""
+    """Rebuild a tracker from ``save_tracker``'s file; ``CheckpointError`` if it is not one or does not
+    fit."""
     obj = read_weights(path)
     if not isinstance(obj, dict) or obj.get("format") != TRACKER_FORMAT:
         raise CheckpointError(f"{path}: not a point-tracker checkpoint (no 'format': {TRACKER_FORMAT!r})")

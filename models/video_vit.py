@@ -54,7 +54,8 @@ def grid_size(num_frames: int, height: int, width: int, tubelet_size: int, patch
 def patchify(video: Tensor, tubelet_size: int, patch_size: int) -> Tensor:
     """(B, C, T, H, W) -> (B, N, tubelet*patch*patch*C), features ordered (pt ph pw c)."""
     return rearrange(
-        video, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=tubelet_size, ph=patch_size, pw=patch_size
+        video, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=tubelet_size, ph=patch_size,
+        pw=patch_size
     )
 
 
@@ -80,7 +81,8 @@ def split_tokens(mask: Tensor, num_tokens: int | None = None) -> TokenSplit:
     Every sample must mask the same number of tokens, so the visible (or masked) tokens of a batch gather
     into a dense tensor. Index gathers avoid boolean indexing, which syncs the device at every use.
     """
-    if mask.dtype != torch.bool or mask.dim() != 2 or (num_tokens is not None and mask.shape[1] != num_tokens):
+    if mask.dtype != torch.bool or mask.dim() != 2 or (num_tokens is not None
+                                                       and mask.shape[1] != num_tokens):
         want = f"(B, {num_tokens})" if num_tokens is not None else "(B, N)"
         raise ValueError(f"mask must be bool of shape {want}, got {mask.dtype} {tuple(mask.shape)}")
     counts = mask.sum(1).tolist()
@@ -92,7 +94,8 @@ def split_tokens(mask: Tensor, num_tokens: int | None = None) -> TokenSplit:
 
 
 def take_tokens(x: Tensor, ids: Tensor) -> Tensor:
-    """Tokens ``ids`` (B, K) of a batch x (B, N, ...) -> (B, K, ...). (For an (N, ...) table: ``table[ids]``.)"""
+    """Tokens ``ids`` (B, K) of a batch x (B, N, ...) -> (B, K, ...). (For an (N, ...) table:
+    ``table[ids]``.)"""
     rows = torch.arange(x.shape[0], device=x.device)[:, None]
     return x[rows, ids]
 
@@ -185,7 +188,8 @@ def init_weights(m: nn.Module) -> None:
 
 def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
                 init_values: float | None = None) -> nn.ModuleList:
-    """``depth`` pre-norm timm Blocks (qkv bias, LayerNorm eps 1e-6), drop path rising linearly to the rate."""
+    """``depth`` pre-norm timm Blocks (qkv bias, LayerNorm eps 1e-6), drop path rising linearly to the
+    rate."""
     rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # python: meta-device safe
     blocks = nn.ModuleList(
         Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, init_values=init_values, drop_path=r,
@@ -200,7 +204,8 @@ class VideoViT(nn.Module):
 
     def __init__(self, img_size: int = 224, num_frames: int = 16, patch_size: int = 16, tubelet_size: int = 2,
                  in_chans: int = 3, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
-                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, init_values: float | None = None) -> None:
+                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
+                 init_values: float | None = None) -> None:
         super().__init__()
         self.patch_size, self.tubelet_size, self.in_chans = patch_size, tubelet_size, in_chans
         self.embed_dim, self.num_heads = embed_dim, num_heads
@@ -244,7 +249,8 @@ def build_encoder(name: str, img_size: int = 224, num_frames: int = 16, patch_si
     if name not in ENCODER_SIZES:
         raise ValueError(f"unknown encoder size {name!r}; choose one of {sorted(ENCODER_SIZES)}")
     cfg = {**ENCODER_SIZES[name], **kw}
-    return VideoViT(img_size=img_size, num_frames=num_frames, patch_size=patch_size, tubelet_size=tubelet_size, **cfg)
+    return VideoViT(img_size=img_size, num_frames=num_frames, patch_size=patch_size,
+                    tubelet_size=tubelet_size, **cfg)
 
 
 __all__ = [

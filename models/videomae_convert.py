@@ -81,14 +81,15 @@ class ConversionReport:
 def read_videomae_state(source: Path | str | dict) -> dict[str, Tensor]:
     """The flat tensor dict of a VideoMAE checkpoint (a path or a loaded object), unwrapped from
     "model"/"module"/"state_dict" and stripped of a DDP "module." prefix."""
-    obj = torch.load(Path(source), map_location="cpu", weights_only=True) if not isinstance(source, dict) else source
+    obj = (torch.load(Path(source), map_location="cpu", weights_only=True)
+           if not isinstance(source, dict) else source)
     for wrapper in ("model", "module", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
             break
     if not isinstance(obj, dict) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
-        raise VideoMAEConversionError(f"{source if not isinstance(source, dict) else 'checkpoint'}: no tensor "
-                                      f"state dict under 'model', 'module' or at the top level")
+        raise VideoMAEConversionError(f"{source if not isinstance(source, dict) else 'checkpoint'}: "
+                                      f"no tensor state dict under 'model', 'module' or at the top level")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj

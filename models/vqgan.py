@@ -18,10 +18,10 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import taming.modules.diffusionmodules.model as taming_blocks
 import torch
 import yaml
 from einops import rearrange
-import taming.modules.diffusionmodules.model as taming_blocks
 from taming.modules.diffusionmodules.model import Decoder, Encoder
 from taming.modules.vqvae.quantize import VectorQuantizer2
 from torch import Tensor, nn

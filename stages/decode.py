@@ -8,14 +8,14 @@ skipped file with its reason. Each video gives `clips_per_video` evenly spaced c
 `store_size` and centre-cropped. Videos decode in worker processes that write their own chunks,
 so memory stays flat however many videos there are. A killed run resumes where it stopped.
 `--shard i/n` decodes every n-th video into the shared partial store; the run without `--shard`
-afterwards commits it (pipeline/shards.py), giving the same store as one unsharded run.
+afterwards commits it (pipeline/core/shards.py), giving the same store as one unsharded run.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import sys
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
@@ -26,15 +26,17 @@ import numpy as np
 import zarr
 from pydantic import Field
 
-from pipeline.atomic import commit, partial_path, write_json
-from pipeline.errors import StageError
-from pipeline.manifests import MANIFEST_FORMATS, ManifestError, VideoEntry, parse_manifest, scan_folder
-from pipeline.params import Paths, StageParams, params_hash
-from pipeline.progress import progress, progress_bar
-from pipeline.shards import ProgressMarkers, Shard, finish_plan, plan_once
-from pipeline.stores import SPLITS, create_clips_store, write_clip_table
-from pipeline.tracking import current
-from pipeline.video import VideoInfo, VideoReadError, probe, read_clips
+from pipeline.core import stage_cli
+from pipeline.core.atomic import commit, partial_path, write_json
+from pipeline.core.errors import StageError
+from pipeline.core.fingerprint import fingerprint
+from pipeline.core.mlflow_runs import current_run
+from pipeline.core.params import Paths, StageParams
+from pipeline.core.progress import progress, progress_bar
+from pipeline.core.shards import ProgressMarkers, Shard, finish_plan, plan_once
+from pipeline.core.stores import SPLITS, create_clips_store, write_clip_table
+from pipeline.data.manifests import MANIFEST_FORMATS, ManifestError, VideoEntry, parse_manifest, scan_folder
+from pipeline.data.video import VideoInfo, VideoReadError, probe, read_clips
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +73,12 @@ def run(params: Params, *, videos: Path, clips: Path, report: Path,
     """Decode `videos` (folder or manifest) into the clips store `clips`; write `report`.
 
     With `shard`, decode only that shard's videos into the shared partial store and return it;
-    a later run without `shard` finds them done and only commits the store (pipeline/shards.py).
+    a later run without `shard` finds them done and only commits the store (pipeline/core/shards.py).
     """
     entries = list_videos(videos, params)
     if not entries:
         raise StageError(f"no videos found in {videos}")
-    tmp, signature = partial_path(clips), _signature(params, entries)
+    tmp, signature = partial_path(clips), work_fingerprint(params, entries)
     with _executor(params.workers) as pool:
         plan, resumed = plan_once(tmp, signature, lambda store_dir: _plan_store(
             store_dir, entries, params, videos, pool, signature))
@@ -87,7 +89,7 @@ def run(params: Params, *, videos: Path, clips: Path, report: Path,
         decode_all(mine, tmp, pool, signature)
     if shard is not None:
         log.info("shard %s: %d of %d videos in %s", shard, len(mine), len(tasks), tmp)
-        current().log_metrics({"data/shard_videos": len(mine)})
+        current_run().log_metrics({"data/shard_videos": len(mine)})
         return {"partial": tmp}
     decode_failures = _decode_failures(tmp, tasks)
     failures = plan["failures"] + decode_failures
@@ -98,14 +100,14 @@ def run(params: Params, *, videos: Path, clips: Path, report: Path,
     commit(tmp, clips)
     summary = _summary(entries, failures, clips)
     write_json(report, summary)
-    current().log_metrics({"data/videos": len(entries), "data/videos_decoded": summary["videos_decoded"],
+    current_run().log_metrics({"data/videos": len(entries), "data/videos_decoded": summary["videos_decoded"],
                            "data/videos_skipped": len(failures), "data/clips": summary["clips"]})
     log.info("decoded %d clips from %d videos; %d skipped (see %s)", summary["clips"],
              summary["videos_decoded"], len(failures), report)
     return {"clips": clips, "report": report}
 
 
-def run_stage(params: Params, paths: Paths, shard: Shard | None = None) -> dict[str, Path]:
+def run_from_paths(params: Params, paths: Paths, shard: Shard | None = None) -> dict[str, Path]:
     return run(params, videos=paths.raw, clips=paths.clips, report=paths.reports / "decode.json",
                shard=shard)
 
@@ -324,11 +326,10 @@ def _summary(entries: list[VideoEntry], failures: list[dict], clips: Path) -> di
             "skipped": [{"path": f["path"], "reason": f["reason"]} for f in failures]}
 
 
-def _signature(params: Params, entries: list[VideoEntry]) -> str:
+def work_fingerprint(params: Params, entries: list[VideoEntry]) -> str:
     """Identifies the work: same params and same input files (path, size, mtime) -> same store."""
     files = [(str(e.path), e.label, e.split, *(_stat(e.path))) for e in entries]
-    blob = json.dumps([params_hash(params), files]).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return fingerprint(params, files)
 
 
 def _stat(path: Path) -> tuple[int, int]:
@@ -362,6 +363,4 @@ def _map(pool: Executor | None, fn, jobs: list):
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_main
-
-    raise SystemExit(stage_main("decode"))
+    raise SystemExit(stage_cli.main(sys.modules[__name__]))

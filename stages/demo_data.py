@@ -13,19 +13,21 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import zarr
 from pydantic import Field, field_validator
 
-from pipeline.atomic import atomic_dir
-from pipeline.params import Paths, StageParams
-from pipeline.progress import progress
-from pipeline.stores import compressor
-from pipeline.tracking import current
-from pipeline.synthetic import GT_STYLE, MOTION_CLASSES, render_class_clip, render_motion_clip
-from pipeline.video import write_mp4
+from pipeline.core import stage_cli
+from pipeline.core.atomic import atomic_dir
+from pipeline.core.mlflow_runs import current_run
+from pipeline.core.params import Paths, StageParams
+from pipeline.core.progress import progress
+from pipeline.core.stores import compressor
+from pipeline.data.synthetic import GT_STYLE, MOTION_CLASSES, render_class_clip, render_motion_clip
+from pipeline.data.video import write_mp4
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +65,13 @@ def run(params: Params, *, raw: Path, motion_gt: Path) -> dict[str, Path]:
             copy_sample_videos(tmp)
     with atomic_dir(motion_gt) as tmp:
         write_motion_gt(tmp, params)
-    current().log_metrics({"data/labelled_videos": len(params.classes) * params.videos_per_class,
+    current_run().log_metrics({"data/labelled_videos": len(params.classes) * params.videos_per_class,
                            "data/sample_videos": len(SAMPLE_VIDEOS) if params.include_samples else 0,
                            "data/motion_gt_clips": params.motion_gt_clips})
     return {"raw": raw, "motion_gt": motion_gt}
 
 
-def run_stage(params: Params, paths: Paths) -> dict[str, Path]:
+def run_from_paths(params: Params, paths: Paths) -> dict[str, Path]:
     return run(params, raw=paths.raw, motion_gt=paths.motion_gt)
 
 
@@ -117,6 +119,4 @@ def write_motion_gt(root: Path, params: Params) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_main
-
-    raise SystemExit(stage_main("demo_data"))
+    raise SystemExit(stage_cli.main(sys.modules[__name__]))

@@ -13,40 +13,59 @@ Cycle-consistent tracks are sparse and mostly easy (near-static background). Thi
    pixels are almost all static (fewer than `min_moving_fraction` move faster than `flow_static_speed`).
 
 Speeds are given at `reference_size` and scaled like pseudo_labels' thresholds (x sqrt(area ratio)).
-Inputs: `data/labels.zarr`, the frames store it names, `artifacts/motion_pretrain/tracker.pt`.
-Outputs: `data/train_labels.zarr` (same layout), `reports/densify/` (stats.json, before/after speed
-histograms PNG), `metrics/densify.json`. The dense tracking resumes from `runs/densify/`.
+Runs once per label source (`source`: clips or motion_gt; dvc.yaml's `densify@<source>`).
+Inputs: the source's pseudo-labels (`paths.labels` or `paths.motion_gt_labels`), the frames store
+they name, `artifacts/motion_pretrain/tracker.pt`. Outputs: the source's train labels
+(`paths.train_labels` or `paths.motion_gt_train_labels`, same layout), `reports/densify/<source>/`
+(stats.json, before/after speed histograms PNG), `metrics/densify/<source>.json`. The dense
+tracking resumes from `runs/densify/<source>/`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from pydantic import Field
 
-from models.flow import CheckpointError
-from models.tracker import PointTracker, load_tracker
-from pipeline.atomic import atomic_dir, write_json
-from pipeline.cycle import forward_backward_tracks, resolution_scale, track_cycle_mask
-from pipeline.errors import StageError
-from pipeline.label_store import (SPEED_EDGES, append_flow, append_tracks, create_label_store, group_tracks,
-                                  histogram_entropy, iter_flow, mark_done, open_label_store, read_tracks,
-                                  save_histogram_figure, speed_histogram, start_partial, track_speed)
-from pipeline.params import Paths, StageParams
-from pipeline.progress import progress
-from pipeline.stores import open_clips
-from pipeline.tensors import image_to_tensor
-from pipeline.tracking import current
+from models.tracker import PointTracker
+from pipeline.core import stage_cli
+from pipeline.core.atomic import atomic_dir, write_json
+from pipeline.core.fingerprint import file_digest, fingerprint
+from pipeline.core.mlflow_runs import current_run
+from pipeline.core.params import LabelSource, Paths, StageParams
+from pipeline.core.progress import progress
+from pipeline.core.stores import open_clips
+from pipeline.core.tensors import image_to_tensor
+from pipeline.motion.checkpoints import load_point_tracker
+from pipeline.motion.cycle import forward_backward_tracks, resolution_scale, track_cycle_mask
+from pipeline.motion.label_store import (
+    SPEED_EDGES,
+    append_flow,
+    append_tracks,
+    create_label_store,
+    group_tracks,
+    histogram_entropy,
+    iter_flow,
+    mark_done,
+    open_label_store,
+    read_tracks,
+    save_histogram_figure,
+    speed_histogram,
+    start_partial,
+    track_speed,
+)
 
 log = logging.getLogger(__name__)
 
 
 class Params(StageParams):
+    source: LabelSource = Field("clips", description="whose pseudo-labels: the clips' (paths.labels -> "
+                                "paths.train_labels) or motion_gt's (paths.motion_gt_labels -> "
+                                "paths.motion_gt_train_labels)")
     window_size: int = Field(5, ge=1, description="k: every pixel of a k x k window around each kept "
                              "track's query point is re-tracked")
     max_queries_per_window: int = Field(256, ge=1, description="cap on dense queries per track window "
@@ -75,7 +94,7 @@ def run(params: Params, *, labels: Path, tracker: Path, train_labels: Path, work
     scale = resolution_scale(size, params.reference_size) if params.scale_thresholds else 1.0
     model = _load_tracker(tracker)
     dense = densify_tracks(source, frames, model, work / "dense.zarr", params,
-                           _signature(params, labels, tracker))
+                           work_fingerprint(params, labels, tracker))
     clip, start, coords = read_tracks(dense)
     chosen = rebalance_tracks(track_speed(coords), params.static_speed * scale, params.balance,
                               np.random.default_rng(params.seed))
@@ -94,11 +113,13 @@ def run(params: Params, *, labels: Path, tracker: Path, train_labels: Path, work
     return {"train_labels": train_labels, "stats": reports / "stats.json", "metrics": metrics}
 
 
-def run_stage(params: Params, paths: Paths) -> dict[str, Path]:
-    data = paths.clips.parent
-    return run(params, labels=data / "labels.zarr", tracker=paths.artifacts / "motion_pretrain" / "tracker.pt",
-               train_labels=data / "train_labels.zarr", work=paths.runs / "densify",
-               reports=paths.reports / "densify", metrics=paths.metrics / "densify.json")
+def run_from_paths(params: Params, paths: Paths) -> dict[str, Path]:
+    return run(params, labels=paths.label_store(params.source),
+               tracker=paths.artifacts_of("motion_pretrain") / "tracker.pt",
+               train_labels=paths.train_label_store(params.source),
+               work=paths.runs_of("densify") / params.source,
+               reports=paths.reports_of("densify", params.source),
+               metrics=paths.metrics_of("densify", params.source))
 
 
 def densify_tracks(source, frames, model: PointTracker, store: Path, params: Params, signature: str):
@@ -197,30 +218,21 @@ def write_reports(stats: dict, reports: Path, metrics: Path) -> None:
                           xlabel="px / frame")
     summary = {k: v for k, v in stats.items() if "histogram" not in k}
     write_json(metrics, summary)
-    current().log_metrics({f"data/{k}": float(v) for k, v in summary.items()})
-    current().log_artifact(reports / "speed_histograms.png")
+    current_run().log_metrics({f"data/{k}": float(v) for k, v in summary.items()})
+    current_run().log_artifact(reports / "speed_histograms.png")
 
 
 def _load_tracker(path: Path) -> PointTracker:
-    if not path.exists():
-        raise FileNotFoundError(f"tracker not found: {path} (run `mam2 motion_pretrain` first)")
-    try:
-        return load_tracker(path).eval()
-    except CheckpointError as err:
-        raise StageError(str(err)) from err
+    return load_point_tracker(path).eval()
 
 
-def _signature(params: Params, labels: Path, tracker: Path) -> str:
+def work_fingerprint(params: Params, labels: Path, tracker: Path) -> str:
     """Identifies the dense tracking: its params, the labels' tracks and the tracker's weights."""
     relevant = params.model_dump(mode="json", include={"window_size", "max_queries_per_window",
                                                        "tracker_iters", "seed"})
     group = open_label_store(labels)
-    digest = hashlib.sha256(group["tracks/coords"][:].tobytes() + group["tracks/start"][:].tobytes())
-    digest.update(tracker.read_bytes())
-    return hashlib.sha256(json.dumps([relevant, digest.hexdigest()]).encode()).hexdigest()
+    return fingerprint(relevant, group["tracks/coords"][:], group["tracks/start"][:], file_digest(tracker))
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_main
-
-    raise SystemExit(stage_main("densify"))
+    raise SystemExit(stage_cli.main(sys.modules[__name__]))

@@ -17,10 +17,10 @@ Outputs: `artifacts/finetune/` (classifier.pt, init_report.json), `metrics/finet
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -35,15 +35,30 @@ from models.encoder_io import FORMAT as ENCODER_FORMAT
 from models.encoder_io import EncoderCheckpointError, load_encoder
 from models.video_vit import build_encoder
 from models.videomae_convert import VideoMAEConversionError, load_head, load_videomae_encoder
-from pipeline.atomic import atomic_dir, atomic_file, write_json
-from pipeline.classify_data import ClipSpec, EvalViews, TrainClips, store_info
-from pipeline.classify_eval import ViewScores, average_per_video, classification_metrics, confusion_image, score_views
-from pipeline.errors import StageError
-from pipeline.mixup import VideoMixup
-from pipeline.params import Paths, StageParams
-from pipeline.stores import input_stamp
-from pipeline.tracking import current
-from pipeline.training import TrainParams, stage_train_params, whole_history, autocast_dtype, init_distributed, train, write_history
+from pipeline.classify.data import ClipSpec, EvalViews, TrainClips, store_info
+from pipeline.classify.evaluate import (
+    ViewScores,
+    average_per_video,
+    classification_metrics,
+    confusion_image,
+    score_views,
+)
+from pipeline.classify.mixup import VideoMixup
+from pipeline.core import stage_cli
+from pipeline.core.atomic import atomic_dir, save_png, write_json
+from pipeline.core.errors import StageError
+from pipeline.core.fingerprint import fingerprint, input_stamp
+from pipeline.core.mlflow_runs import current_run
+from pipeline.core.params import Paths, StageParams
+from pipeline.core.training import (
+    TrainParams,
+    autocast_dtype,
+    init_distributed,
+    stage_train_params,
+    train,
+    whole_history,
+    write_history,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +76,8 @@ class Params(StageParams):
                                             "train only the pooled LayerNorm + head on a frozen encoder")
     init: str = Field("pretrain", min_length=1, description="pretrain (artifacts/pretrain/encoder.pt), "
                       "scratch, or a path to our encoder checkpoint or a VideoMAE checkpoint")
-    model: Literal["tiny", "small", "base", "large"] = Field("tiny", description="encoder size (init: scratch)")
+    model: Literal["tiny", "small", "base", "large"] = Field("tiny",
+                                                             description="encoder size (init: scratch)")
     depth: int | None = Field(4, ge=1, description="override the size's depth (init: scratch)")
     embed_dim: int | None = Field(None, ge=8, description="override the size's width (init: scratch)")
     num_heads: int | None = Field(None, ge=1, description="override the size's heads (init: scratch)")
@@ -72,7 +88,8 @@ class Params(StageParams):
     input_size: int = Field(112, ge=8, description="input crop side in pixels")
     input_norm: Literal["auto", "none", "imagenet"] = Field("auto", description="input normalisation; auto: "
                                                             "none ([0, 1]) for our pre-trained encoders, as "
-                                                            "pretrain feeds them, imagenet for scratch and VideoMAE")
+                                                            "pretrain feeds them, imagenet for scratch and "
+                                                            "VideoMAE")
     drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate of the last block")
     head_dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
     head_init_scale: float = Field(0.001, gt=0, description="scale of the head's initial weights")
@@ -94,9 +111,9 @@ class Params(StageParams):
                             "(VideoMAE's num_clips), spread evenly over it")
     eval_crops: int = Field(3, ge=1, description="spatial crops per temporal window at evaluation "
                             "(VideoMAE's num_crops), spread along the width")
-    eval_resize: float | None = Field(8 / 7, ge=1, description="evaluation frames are resized to a short side "
-                                      "of eval_resize x input_size before cropping (VideoMAE: 256/224 = 8/7); "
-                                      "null: crop at the stored scale")
+    eval_resize: float | None = Field(8 / 7, ge=1, description="evaluation frames are resized to a short "
+                                      "side of eval_resize x input_size before cropping (VideoMAE: 256/224 "
+                                      "= 8/7); null: crop at the stored scale")
     eval_batch_size: int = Field(16, ge=1, description="views per evaluation batch")
     videomae_num_frames: int = Field(16, ge=1, description="frames a VideoMAE checkpoint was trained on")
     videomae_input_size: int = Field(224, ge=8, description="resolution a VideoMAE checkpoint was trained at")
@@ -131,12 +148,12 @@ def run(params: Params, *, clips: Path, encoder: Path, artifacts: Path, run_dir:
     if place.is_main:
         log.info("fine-tuning (%s, init %s) on %d clips of %d classes for %d steps", params.mode,
                  init_report["init"], len(train_set), len(info.class_names), train_params.steps)
-        current().log_metrics({"data/train_clips": len(train_set), "data/classes": len(info.class_names),
+        current_run().log_metrics({"data/train_clips": len(train_set), "data/classes": len(info.class_names),
                                "data/steps": train_params.steps})
     mixup = VideoMixup(len(info.class_names), params.mixup, params.cutmix, params.mixup_prob,
                        params.mixup_switch_prob, params.label_smoothing)
     groups = layer_decay_param_groups(model, train_params.weight_decay, params.layer_decay)
-    tick, key = time.perf_counter(), fingerprint(params, source, info, len(train_set), clips)
+    tick, key = time.perf_counter(), work_fingerprint(params, source, info, len(train_set), clips)
     result = train(model, train_set, classification_loss, train_params, run_dir, param_groups=groups,
                    collate_fn=mixup, fingerprint=key, unit="clip")
     train_seconds = time.perf_counter() - tick
@@ -147,26 +164,29 @@ def run(params: Params, *, clips: Path, encoder: Path, artifacts: Path, run_dir:
     history = whole_history(run_dir, result.history, json.dumps(
         [key, train_params.resume_identity()], sort_keys=True))
     if not result.completed:
-        log.info("stopped after step %d of %d (train.stop_after); rerun to continue", result.step, train_params.steps)
+        log.info("stopped after step %d of %d (train.stop_after); rerun to continue", result.step,
+                 train_params.steps)
         return outputs
     tick = time.perf_counter()
     views = evaluate(result.model, clips, params, train_params)
-    summary = {**classification_metrics(views, info.class_names), "mode": params.mode, "init": init_report["init"],
-               "train_steps": train_params.steps, "train_clips": len(train_set),
-               "train_seconds": round(train_seconds, 2), "eval_seconds": round(time.perf_counter() - tick, 2),
+    summary = {**classification_metrics(views, info.class_names), "mode": params.mode,
+               "init": init_report["init"], "train_steps": train_params.steps, "train_clips": len(train_set),
                "final_train_loss": history[-1]["loss"] if history else None}
+    current_run().log_metrics({"time/train_seconds": train_seconds,
+                               "time/eval_seconds": time.perf_counter() - tick})
     write_outputs(result.model, views, summary, history, info.class_names, outputs,
-                  config=classifier_config(result.model, encoder_config, info.class_names), init_report=init_report)
+                  config=classifier_config(result.model, encoder_config, info.class_names),
+                  init_report=init_report)
     log.info("finetune: top-1 %.3f, top-%d %.3f over %d %s videos (%d views each); train %.0f s",
              summary["top1"], min(5, len(info.class_names)), summary[f"top{min(5, len(info.class_names))}"],
              summary["videos"], params.eval_split, summary["views_per_video"], train_seconds)
     return outputs
 
 
-def run_stage(params: Params, paths: Paths) -> dict[str, Path]:
-    return run(params, clips=paths.clips, encoder=paths.artifacts / "pretrain" / "encoder.pt",
-               artifacts=paths.artifacts / "finetune", run_dir=paths.runs / "finetune",
-               metrics=paths.metrics / "finetune.json", reports=paths.reports / "finetune")
+def run_from_paths(params: Params, paths: Paths) -> dict[str, Path]:
+    return run(params, clips=paths.clips, encoder=paths.artifacts_of("pretrain") / "encoder.pt",
+               artifacts=paths.artifacts_of("finetune"), run_dir=paths.runs_of("finetune"),
+               metrics=paths.metrics_of("finetune"), reports=paths.reports_of("finetune"))
 
 
 # ----------------------------------------------------------------------------- model
@@ -178,7 +198,8 @@ def init_source(params: Params, encoder: Path) -> Path | None:
         return None
     path = encoder if params.init == "pretrain" else Path(params.init)
     if not path.exists():
-        hint = " (run `mam2 pretrain` first, or set finetune.init=scratch)" if params.init == "pretrain" else ""
+        hint = (" (run `mam2 pretrain` first, or set finetune.init=scratch)" if params.init == "pretrain"
+                else "")
         raise FileNotFoundError(f"finetune.init: checkpoint not found: {path}{hint}")
     return path
 
@@ -211,7 +232,8 @@ def build_model(params: Params, source: Path | None, num_classes: int
                 source, **size, source_num_frames=params.videomae_num_frames,
                 source_img_size=params.videomae_input_size, num_heads=params.videomae_num_heads,
                 drop_path_rate=drop_path)
-            model = VideoClassifier(encoder, num_classes, input_norm=input_norm(params, "imagenet"), **head_kw)
+            model = VideoClassifier(encoder, num_classes, input_norm=input_norm(params, "imagenet"),
+                                    **head_kw)
             load_head(model, head, conversion)
             log.info("%s", conversion.summary())
             report = {"init": str(source), "format": "videomae", **conversion.as_dict()}
@@ -258,12 +280,11 @@ def resolve_steps(params: Params, num_clips: int) -> TrainParams:
                                                                       params.train.batch_size))})
 
 
-def fingerprint(params: Params, source: Path | None, info, num_clips: int, clips: Path) -> str:
+def work_fingerprint(params: Params, source: Path | None, info, num_clips: int, clips: Path) -> str:
     """Identifies a run's state: other model/data settings, another init file or rebuilt clips start
     afresh."""
-    blob = json.dumps([params.model_dump(mode="json", exclude={"train", *EVAL_ONLY}),
-                       input_stamp(source, clips), info.class_names, num_clips], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fingerprint(params.model_dump(mode="json", exclude={"train", *EVAL_ONLY}),
+                       input_stamp(source, clips), info.class_names, num_clips)
 
 
 # ----------------------------------------------------------------------------- evaluation and outputs
@@ -288,17 +309,18 @@ def write_outputs(model: VideoClassifier, views: ViewScores, summary: dict, hist
     image = confusion_image(np.asarray(summary["confusion"]), class_names)
     with atomic_dir(out["reports"]) as tmp:
         write_history(history, tmp / "history.csv")
-        _save_png(image, tmp / "confusion.png")
+        save_png(image, tmp / "confusion.png")
         write_json(tmp / "predictions.json", predictions(views, class_names))
     write_json(out["metrics"], summary)
     k = min(5, len(class_names))
-    tracker = current()
-    tracker.log_metrics({"val/top1": summary["top1"], f"val/top{k}": summary[f"top{k}"],
+    mlrun = current_run()
+    mlrun.log_metrics({"val/top1": summary["top1"], f"val/top{k}": summary[f"top{k}"],
                          "val/top1_single_view": summary["top1_single_view"],
-                         **{f"val/acc_{name}": acc for name, acc in summary["per_class"].items() if acc is not None}})
-    tracker.log_image(image, "finetune/confusion.png")
-    tracker.log_artifact(out["metrics"])
-    tracker.log_artifact(out["reports"], "finetune")
+                         **{f"val/acc_{name}": acc
+                            for name, acc in summary["per_class"].items() if acc is not None}})
+    mlrun.log_image(image, "finetune/confusion.png")
+    mlrun.log_artifact(out["metrics"])
+    mlrun.log_artifact(out["reports"], "finetune")
 
 
 def predictions(views: ViewScores, class_names: list[str]) -> list[dict]:
@@ -309,14 +331,5 @@ def predictions(views: ViewScores, class_names: list[str]) -> list[dict]:
              "score": round(float(s[p]), 4)} for v, s, y, p in zip(ids, scores, labels, pred, strict=True)]
 
 
-def _save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    with atomic_file(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-
-
 if __name__ == "__main__":
-    from pipeline.cli import stage_main
-
-    raise SystemExit(stage_main("finetune"))
+    raise SystemExit(stage_cli.main(sys.modules[__name__]))

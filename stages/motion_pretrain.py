@@ -1,7 +1,7 @@
 """motion_pretrain: train the flow model (RAFT) and the point tracker on synthetic data, or load them.
 
 No weights can be downloaded, so both motion models are trained supervised on synthetic clips with
-exact motion, rendered on the fly (`pipeline.motion_data`, `PRETRAIN_STYLE`: textured objects under
+exact motion, rendered on the fly (`pipeline.motion.synthetic_data`, `PRETRAIN_STYLE`: textured objects under
 affine motion with occlusion, the FlyingChairs/Kubric recipe). This is the paper's starting point: a
 model trained on synthetic data, to be refined on the user's video. Given `flow_checkpoint` (a
 torchvision .pth, an original RAFT checkpoint or our own format) or `tracker_checkpoint` (our
@@ -15,10 +15,9 @@ baseline), `reports/motion_pretrain/` (training curves). Training resumes from `
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -30,27 +29,39 @@ from pydantic import Field
 
 from models.flow import CheckpointError, build_flow_model, estimate_flow, flow_sequence_loss
 from models.flow_io import load_flow_model, save_flow_model
-from models.tracker import (PointTracker, TrackerConfig, load_tracker, save_tracker, track_sequence_loss,
-                            visibility_loss)
-from pipeline.atomic import atomic_dir, write_json
-from pipeline.errors import StageError
-from pipeline.motion_data import SyntheticFlowPairs, SyntheticTrackWindows
-from pipeline.motion_eval import (evaluate_flow_clip, evaluate_tracker_clip, evenly_spaced, flow_metrics,
-                                  mean_over_videos, open_ground_truth, tapvid_metrics)
-from pipeline.params import Paths, StageParams
-from pipeline.progress import progress
-from pipeline.tracking import current
-from pipeline.training import TrainParams, stage_train_params, train, write_history
+from models.tracker import (
+    PointTracker,
+    TrackerConfig,
+    load_tracker,
+    save_tracker,
+    track_sequence_loss,
+    visibility_loss,
+)
+from pipeline.core import stage_cli
+from pipeline.core.atomic import atomic_dir, write_json
+from pipeline.core.errors import StageError
+from pipeline.core.fingerprint import fingerprint
+from pipeline.core.mlflow_runs import current_run
+from pipeline.core.params import Paths, StageParams
+from pipeline.core.progress import progress
+from pipeline.core.training import TrainParams, stage_train_params, train, write_history
+from pipeline.motion.evaluate import (
+    evaluate_flow_clip,
+    evaluate_tracker_clip,
+    evenly_spaced,
+    flow_metrics,
+    mean_over_videos,
+    open_ground_truth,
+    tapvid_metrics,
+)
+from pipeline.motion.synthetic_data import SyntheticFlowPairs, SyntheticTrackWindows
 
 log = logging.getLogger(__name__)
 
 
-# RAFT's recipe (AdamW, one-cycle, lr 4e-4) at the CPU demo budget (about 100 s on 2 cores). That budget
-# leaves RAFT from scratch no better than zero motion on motion_gt. bench/flow_budget.py swept recipes
-# on a GPU (bench/results/flow_budget-*.json): 600 steps of 8 pairs at lr 1e-3 with 4 updates gave
-# 0.76-0.81 x zero-motion EPE in bf16 over three seeds but 0.82-1.07 x in fp32 over four (8 min on 2 CPU
-# cores, 0.96 x in the CPU DAG); only 2400 steps of 4 pairs were clearly better both ways (0.68 x on CPU
-# and GPU, 17.5 min on 2 CPU cores). README gives the settings.
+# RAFT's recipe (AdamW, one-cycle, lr 4e-4) at the CPU demo budget, which leaves RAFT from scratch no
+# better than zero motion on motion_gt; bench/flow_budget.py sweeps recipes, and README gives the budget
+# that is clearly better and what it costs.
 FLOW_TRAIN = TrainParams(steps=200, batch_size=4, base_lr=4e-4, lr_scaling="none", schedule="onecycle",
                          warmup_steps=20, weight_decay=1e-4, betas=(0.9, 0.999), clip_grad=1.0,
                          checkpoint_every=50, log_every=10)
@@ -102,9 +113,9 @@ def run(params: Params, *, motion_gt: Path, artifacts: Path, metrics: Path, repo
         save_tracker(tracker, tmp / "tracker.pt")
     results = {**evaluate_flow(flow_model, gt_store, params), **evaluate_tracks(tracker, gt_store, params),
                "flow_source": "checkpoint" if params.flow_checkpoint else "trained",
-               "tracker_source": "checkpoint" if params.tracker_checkpoint else "trained",
-               "flow_seconds": round(flow_seconds, 1), "tracker_seconds": round(tracker_seconds, 1)}
-    current().log_metrics({f"val/{k}": v for k, v in results.items() if isinstance(v, float)})
+               "tracker_source": "checkpoint" if params.tracker_checkpoint else "trained"}
+    current_run().log_metrics({f"val/{k}": v for k, v in results.items() if isinstance(v, float)})
+    current_run().log_metrics({"time/flow_seconds": flow_seconds, "time/tracker_seconds": tracker_seconds})
     write_json(metrics, results)
     log.info("motion_gt flow EPE %.3f px (zero motion %.3f); tracking error %.3f px (zero motion %.3f)",
              results["flow_epe"], results["flow_epe_zero_motion"], results["track_error_px"],
@@ -115,10 +126,10 @@ def run(params: Params, *, motion_gt: Path, artifacts: Path, metrics: Path, repo
     return {"flow": artifacts / "flow.pt", "tracker": artifacts / "tracker.pt", "metrics": metrics}
 
 
-def run_stage(params: Params, paths: Paths) -> dict[str, Path]:
-    return run(params, motion_gt=paths.motion_gt, artifacts=paths.artifacts / "motion_pretrain",
-               metrics=paths.metrics / "motion_pretrain.json", reports=paths.reports / "motion_pretrain",
-               runs=paths.runs / "motion_pretrain")
+def run_from_paths(params: Params, paths: Paths) -> dict[str, Path]:
+    return run(params, motion_gt=paths.motion_gt, artifacts=paths.artifacts_of("motion_pretrain"),
+               metrics=paths.metrics_of("motion_pretrain"), reports=paths.reports_of("motion_pretrain"),
+               runs=paths.runs_of("motion_pretrain"))
 
 
 # ------------------------------------------------------------------------------------- training
@@ -139,7 +150,7 @@ def obtain_flow_model(params: Params, run_dir: Path, reports: Path) -> torch.nn.
         epe = torch.linalg.vector_norm(preds[-1].detach() - batch["flow"], dim=1)
         return {"loss": flow_sequence_loss(preds, batch["flow"], batch["valid"]), "epe": epe.mean()}
 
-    fingerprint = _fingerprint(params, "flow_model", "size", "flow_clip_frames", "flow_updates")
+    fingerprint = work_fingerprint(params, "flow_model", "size", "flow_clip_frames", "flow_updates")
     result = train(model, dataset, loss_fn, params.flow_train, run_dir, fingerprint=fingerprint, unit="pair")
     _keep_history(result.history, run_dir, reports / "flow_history.csv")
     return result.model.cpu().eval()
@@ -164,17 +175,16 @@ def obtain_tracker(params: Params, run_dir: Path, reports: Path) -> PointTracker
         return {"loss": coords + vis_weight * visibility, "coords": coords, "visibility": visibility,
                 "error_px": error}
 
-    fingerprint = _fingerprint(params, "size", "tracker_points", "tracker_iters", "visibility_weight")
+    fingerprint = work_fingerprint(params, "size", "tracker_points", "tracker_iters", "visibility_weight")
     result = train(model, dataset, loss_fn, params.tracker_train, run_dir, fingerprint=fingerprint,
                    unit="window")
     _keep_history(result.history, run_dir, reports / "tracker_history.csv")
     return result.model.cpu().eval()
 
 
-def _fingerprint(params: Params, *keys: str) -> str:
+def work_fingerprint(params: Params, *keys: str) -> str:
     """Hash of the settings that shape one model's training (a checkpoint made otherwise is not resumed)."""
-    return hashlib.sha256(json.dumps(params.model_dump(mode="json", include=set(keys)), sort_keys=True)
-                          .encode()).hexdigest()[:16]
+    return fingerprint(params.model_dump(mode="json", include=set(keys)))
 
 
 def _load(loader, path: Path, name: str | None):
@@ -185,7 +195,8 @@ def _load(loader, path: Path, name: str | None):
 
 
 def _keep_history(history: list[dict], run_dir: Path, report: Path) -> None:
-    """Save the curve beside the checkpoint (a rerun of a finished training logs nothing new) and report it."""
+    """Save the curve beside the checkpoint (a rerun of a finished training logs nothing new) and
+    report it."""
     kept = run_dir / "history.csv"
     if history:
         write_history(history, kept)
@@ -244,6 +255,4 @@ def evaluate_tracks(model: PointTracker, gt_store: Path, params: Params) -> dict
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_main
-
-    raise SystemExit(stage_main("motion_pretrain"))
+    raise SystemExit(stage_cli.main(sys.modules[__name__]))

@@ -8,16 +8,16 @@ Outputs: `artifacts/pretrain/encoder.pt` (the encoder in `models.encoder_io` for
 and `model.pt` (encoder + regressor + decoders + params), `metrics/pretrain.json`,
 `reports/pretrain/history.csv` and sample images; resumable state in `runs/pretrain/`.
 Samples are f-grid-aligned crops at the input size, flips and temporal windows of the stored clips
-(why: `pipeline.pretrain_data`), tube-masked at `mask_ratio`; training runs through the shared loop
+(why: `pipeline.data.pretrain_data`), tube-masked at `mask_ratio`; training runs through the shared loop
 (AdamW, lr = base_lr x batch / 256, warm-up + cosine, DDP under torchrun, exact resume).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -32,13 +32,22 @@ from models.encoder_io import save_encoder
 from models.mam2 import MAM2, OBJECTIVES
 from models.pretrain_targets import code_target, motion_target
 from models.video_vit import ENCODER_SIZES, build_encoder, split_tokens, unpatchify
-from pipeline.atomic import atomic_dir, write_json
-from pipeline.params import Paths, StageParams
-from pipeline.stores import input_stamp
-from pipeline.pretrain_data import PretrainDataset, Sampling
-from pipeline.tensors import clip_to_tensor, tensor_to_clip, tensor_to_image
-from pipeline.tracking import current
-from pipeline.training import TrainParams, stage_train_params, whole_history, init_distributed, to_device, train, write_history
+from pipeline.core import stage_cli
+from pipeline.core.atomic import atomic_dir, save_png, write_json
+from pipeline.core.fingerprint import fingerprint, input_stamp
+from pipeline.core.mlflow_runs import current_run
+from pipeline.core.params import Paths, StageParams
+from pipeline.core.tensors import clip_to_tensor, tensor_to_clip, tensor_to_image
+from pipeline.core.training import (
+    TrainParams,
+    init_distributed,
+    stage_train_params,
+    to_device,
+    train,
+    whole_history,
+    write_history,
+)
+from pipeline.data.pretrain_data import PretrainDataset, Sampling
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +95,8 @@ class Params(StageParams):
         if width % heads or width % 2:
             raise ValueError(f"embed_dim {width} must be even and divisible by num_heads {heads}")
         if self.decoder_dim % self.decoder_heads:
-            raise ValueError(f"decoder_dim {self.decoder_dim} must divide by decoder_heads {self.decoder_heads}")
+            raise ValueError(f"decoder_dim {self.decoder_dim} must divide by decoder_heads "
+                             f"{self.decoder_heads}")
         return self
 
 
@@ -99,17 +109,17 @@ def run(params: Params, *, clips: Path, targets: Path, tokenizer: Path, artifact
     if place.is_main:
         log.info("pre-training %s (%s) on %d clips for %d steps of %d", params.objective, params.model,
                  len(dataset), train_params.steps, train_params.batch_size)
-        current().log_metrics({"data/train_clips": len(dataset), "data/steps": train_params.steps,
+        current_run().log_metrics({"data/train_clips": len(dataset), "data/steps": train_params.steps,
                                "data/epochs": train_params.steps * train_params.batch_size / len(dataset)})
     torch.manual_seed(train_params.seed)
     model = build_model(params, dataset)
     loss_fn = partial(mam2_loss, motion=needs_motion(params))
     result = train(model, dataset, loss_fn, train_params, run_dir, unit="clip",
-                   fingerprint=fingerprint(params, dataset))
+                   fingerprint=work_fingerprint(params, dataset))
     outputs = {"artifacts": artifacts, "metrics": metrics, "reports": reports}
     if not place.is_main:
         return outputs
-    same_run = [fingerprint(params, dataset), train_params.resume_identity()]
+    same_run = [work_fingerprint(params, dataset), train_params.resume_identity()]
     history = whole_history(run_dir, result.history, json.dumps(same_run, sort_keys=True))
     if not result.completed:
         log.info("stopped after step %d of %d (train.stop_after); rerun to continue", result.step,
@@ -124,18 +134,19 @@ def run(params: Params, *, clips: Path, targets: Path, tokenizer: Path, artifact
     with atomic_dir(reports) as tmp:
         write_history(history, tmp / "history.csv")
         for name, image in sample_images(model, dataset, params.sample_clips, tokenizer).items():
-            _save_png(image, tmp / name)
-    current().log_artifact(reports, "pretrain")
-    current().log_artifact(metrics)
+            save_png(image, tmp / name)
+    current_run().log_artifact(reports, "pretrain")
+    current_run().log_artifact(metrics)
     log.info("pretrain: %s", ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
     return outputs
 
 
-def run_stage(params: Params, paths: Paths) -> dict[str, Path]:
-    return run(params, clips=paths.clips, targets=paths.clips.parent / "targets.zarr",
-               tokenizer=paths.artifacts / "tokenizer" / "vqgan.pt", artifacts=paths.artifacts / "pretrain",
-               run_dir=paths.runs / "pretrain", metrics=paths.metrics / "pretrain.json",
-               reports=paths.reports / "pretrain")
+def run_from_paths(params: Params, paths: Paths) -> dict[str, Path]:
+    return run(params, clips=paths.clips, targets=paths.targets,
+               tokenizer=paths.artifacts_of("tokenizer") / "vqgan.pt",
+               artifacts=paths.artifacts_of("pretrain"),
+               run_dir=paths.runs_of("pretrain"), metrics=paths.metrics_of("pretrain"),
+               reports=paths.reports_of("pretrain"))
 
 
 # ----------------------------------------------------------------------------- model and loss
@@ -204,12 +215,11 @@ def mam2_loss(model: torch.nn.Module, batch: dict, *, motion: bool) -> dict[str,
     return {key: out[key] for key in SCALAR_KEYS if key in out}
 
 
-def fingerprint(params: Params, dataset: PretrainDataset) -> str:
+def work_fingerprint(params: Params, dataset: PretrainDataset) -> str:
     """Identifies a run's state: a checkpoint of other model/data settings is not resumed from."""
-    blob = json.dumps([params.model_dump(mode="json", exclude={"train", "sample_clips"}),
+    return fingerprint(params.model_dump(mode="json", exclude={"train", "sample_clips"}),
                        str(dataset.frames_shape), len(dataset),
-                       input_stamp(dataset.clips_path, dataset.targets_path)], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+                       input_stamp(dataset.clips_path, dataset.targets_path))
 
 
 def model_checkpoint(params: Params, model: MAM2) -> dict:
@@ -222,13 +232,14 @@ def model_checkpoint(params: Params, model: MAM2) -> dict:
 def summarise(history: list[dict], train_params: TrainParams, num_clips: int, window: int = 5) -> dict:
     """metrics/pretrain.json: means over the last `window` logs (each log is one step's batch), the first
     logged loss, and how much training that was."""
-    summary: dict = {"steps": train_params.steps, "batch_size": train_params.batch_size, "train_clips": num_clips,
+    summary: dict = {"steps": train_params.steps, "batch_size": train_params.batch_size,
+                     "train_clips": num_clips,
                      "epochs": train_params.steps * train_params.batch_size / num_clips}
     if not history:
         log.warning("no training history (the run finished earlier and its history is gone)")
         return summary
     last = history[-window:]
-    for key in (*SCALAR_KEYS, "clips_per_s"):
+    for key in SCALAR_KEYS:
         if key in last[-1]:
             summary[key] = sum(row[key] for row in last) / len(last)
     if "loss_motion" in summary:
@@ -241,7 +252,8 @@ def summarise(history: list[dict], train_params: TrainParams, num_clips: int, wi
 
 
 @torch.no_grad()
-def sample_images(model: MAM2, dataset: PretrainDataset, count: int, tokenizer: Path) -> dict[str, np.ndarray]:
+def sample_images(model: MAM2, dataset: PretrainDataset, count: int,
+                  tokenizer: Path) -> dict[str, np.ndarray]:
     """Images of predictions on the first `count` train clips (masked tubelets darkened in the top band):
     target vs predicted RGB differences; VQGAN-decoded target vs predicted codes; masked frames."""
     if count == 0:
@@ -256,15 +268,17 @@ def sample_images(model: MAM2, dataset: PretrainDataset, count: int, tokenizer: 
     images = {}
     if "pred_motion" in out:
         target, _ = motion_target(targets["rgb_diff"], enc.tubelet_size, enc.patch_size)
-        videos = [tensor_to_clip((0.5 + unpatchify(t, grid, enc.tubelet_size, enc.patch_size) / 6).clamp(0, 1))
+        videos = [tensor_to_clip((0.5 + unpatchify(t, grid, enc.tubelet_size,
+                                                   enc.patch_size) / 6).clamp(0, 1))
                   for t in (target, _paste(target, masked, out["pred_motion"]))]  # +-3 std spans the greys
         images["motion_target_vs_pred.png"] = _montage([shade, *videos], frames - 1)
-    if "pred_codes" in out and (decoded := _decode_codes(tokenizer, model, targets["codes"], out, masked, grid)):
+    if "pred_codes" in out and (decoded := _decode_codes(tokenizer, model, targets["codes"], out, masked,
+                                                         grid)):
         images["codes_target_vs_pred.png"] = _montage([shade, *decoded], frames)
     if "pred_pixels" in out:
         images["frames_masked.png"] = _montage([shade, tensor_to_clip(clip)], frames)
     for name, image in images.items():
-        current().log_image(image, f"samples/{name}")
+        current_run().log_image(image, f"samples/{name}")
     return images
 
 
@@ -310,13 +324,5 @@ def _montage(rows: list[np.ndarray], frames: int, gap: int = 2) -> np.ndarray:
     return np.ascontiguousarray(np.concatenate(bands, axis=0))
 
 
-def _save_png(image: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    Image.fromarray(image).save(path)
-
-
 if __name__ == "__main__":
-    from pipeline.cli import stage_main
-
-    raise SystemExit(stage_main("pretrain"))
+    raise SystemExit(stage_cli.main(sys.modules[__name__]))

@@ -3,7 +3,7 @@
 For the chosen clips of the frames store (`paths.clips`, or motion_gt's frames with `source:
 motion_gt`, whose ground truth is never read; `clip_filter: unlabelled` keeps the clips without a
 class label, in the demo the real sample videos; `max_clips` spreads a subset evenly), the models
-run forward and backward in time and only what agrees is kept (the tests are in `pipeline.cycle`):
+run forward and backward in time and only what agrees is kept (the tests are in `pipeline.motion.cycle`):
 
 - flow: `pairs_per_clip` pairs (t0, t0 + frame_step); a pixel is a label when the forward flow and
   the backward flow warped onto it cancel (alpha, beta), the colours match (colour, averaged over a
@@ -13,19 +13,20 @@ run forward and backward in time and only what agrees is kept (the tests are in 
   tracked back on the reversed clip; a track is kept when both agree within tau px in every frame.
 
 Length thresholds (beta, max_flow, tau) are given at the paper's resolutions and, with
-`scale_thresholds`, multiplied by `pipeline.cycle.resolution_scale` (sqrt of the area ratio).
-Inputs: the frames store, `artifacts/motion_pretrain/{flow,tracker}.pt`. Outputs: `data/labels.zarr`
-(layout in `pipeline.label_store`), `reports/pseudo_labels/` (stats.json, speed histograms PNG),
-`metrics/pseudo_labels.json` (kept fractions, and the fraction of flow pixels passing each test).
+`scale_thresholds`, multiplied by `pipeline.motion.cycle.resolution_scale` (sqrt of the area ratio).
+Runs once per source (dvc.yaml's `pseudo_labels@clips` and `pseudo_labels@motion_gt`).
+Inputs: the frames store, `artifacts/motion_pretrain/{flow,tracker}.pt`. Outputs: the source's label
+store (`paths.labels` or `paths.motion_gt_labels`; layout in `pipeline.motion.label_store`),
+`reports/pseudo_labels/<source>/` (stats.json, speed histograms PNG), `metrics/pseudo_labels/<source>.json`
+(kept fractions, and the fraction of flow pixels passing each test).
 Clip by clip, atomic, resumable after a kill; `--shard i/n` labels every n-th clip into the shared
 work directory and the run without `--shard` merges them (the same store as one unsharded run).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -33,30 +34,51 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from models.flow import CheckpointError, estimate_flow
-from models.flow_io import load_flow_model
-from models.tracker import PointTracker, load_tracker
-from pipeline.atomic import atomic_dir, remove_path, write_json
-from pipeline.cycle import (FLOW_TESTS, FlowThresholds, flow_label_tests, forward_backward_tracks,
-                            resolution_scale, track_cycle_mask)
-from pipeline.errors import StageError
-from pipeline.label_store import (SPEED_EDGES, append_flow, append_store, append_tracks,
-                                  create_label_store, group_tracks, iter_flow, open_label_store, read_tracks,
-                                  save_histogram_figure, speed_histogram, track_speed)
-from pipeline.motion_eval import evenly_spaced
-from pipeline.params import Paths, StageParams, params_hash
-from pipeline.progress import progress
-from pipeline.shards import ProgressMarkers, Shard, finish_plan, plan_once
-from pipeline.stores import open_clips
-from pipeline.tensors import image_to_tensor
-from pipeline.tracking import current
+from models.flow import estimate_flow
+from models.tracker import PointTracker
+from pipeline.core import stage_cli
+from pipeline.core.atomic import atomic_dir, remove_path, write_json
+from pipeline.core.errors import StageError
+from pipeline.core.fingerprint import file_digest, fingerprint
+from pipeline.core.mlflow_runs import current_run
+from pipeline.core.params import LabelSource, Paths, StageParams
+from pipeline.core.progress import progress
+from pipeline.core.shards import ProgressMarkers, Shard, finish_plan, plan_once
+from pipeline.core.stores import open_clips
+from pipeline.core.tensors import image_to_tensor
+from pipeline.motion.checkpoints import load_flow, load_point_tracker
+from pipeline.motion.cycle import (
+    FLOW_TESTS,
+    FlowThresholds,
+    flow_label_tests,
+    forward_backward_tracks,
+    grid_queries,
+    resolution_scale,
+    track_cycle_mask,
+)
+from pipeline.motion.evaluate import evenly_spaced
+from pipeline.motion.label_store import (
+    SPEED_EDGES,
+    append_flow,
+    append_store,
+    append_tracks,
+    create_label_store,
+    group_tracks,
+    iter_flow,
+    open_label_store,
+    read_tracks,
+    save_histogram_figure,
+    speed_histogram,
+    track_speed,
+)
 
 log = logging.getLogger(__name__)
 
 
 class Params(StageParams):
-    source: Literal["clips", "motion_gt"] = Field("clips", description="frames to label: paths.clips, "
-                                                  "or paths.motion_gt/gt.zarr (its frames only)")
+    source: LabelSource = Field("clips", description="frames to label: paths.clips (writes "
+                                "paths.labels), or paths.motion_gt/gt.zarr, its frames only (writes "
+                                "paths.motion_gt_labels)")
     clip_filter: Literal["all", "unlabelled"] = Field("all", description="which clips of the store to "
                                                       "label: all, or only those without a class label "
                                                       "(in the demo: the real sample videos)")
@@ -70,12 +92,14 @@ class Params(StageParams):
     flow_updates: int = Field(12, ge=1, description="RAFT updates")
     tracker_iters: int = Field(6, ge=1, description="tracker updates per window")
     alpha: float = Field(0.002, ge=0, description="flow cycle test: relative tolerance")
-    beta: float = Field(0.1, ge=0, description="flow cycle test: absolute tolerance (px at flow_reference_size)")
+    beta: float = Field(0.1, ge=0, description="flow cycle test: absolute tolerance "
+                        "(px at flow_reference_size)")
     colour: float = Field(0.005, gt=0, description="colour constancy: max mean |I0 - warp(I1, f)| on "
                           "[-0.5, 0.5] images")
     colour_window: int = Field(1, ge=1, description="the colour error is averaged over this square "
                                "neighbourhood (odd; 1 = per pixel, as the paper)")
-    max_flow: float = Field(400.0, gt=0, description="flow labels must be shorter (px at flow_reference_size)")
+    max_flow: float = Field(400.0, gt=0, description="flow labels must be shorter "
+                            "(px at flow_reference_size)")
     tau: float = Field(3.0, gt=0, description="track cycle test: max forward-backward distance in any "
                        "frame (px at track_reference_size)")
     flow_reference_size: tuple[int, int] = Field((436, 1024), description="(H, W) the flow thresholds "
@@ -99,7 +123,7 @@ def run(params: Params, *, clips: Path, flow_model: Path, tracker: Path, labels:
     """Label the clips of `clips` with `flow_model` and `tracker`; write `labels` and the reports.
 
     Each clip is labelled into a small store of its own in a work directory shared by the shards
-    (pipeline/shards.py); with `shard`, only that shard's clips are labelled and the work directory
+    (pipeline/core/shards.py); with `shard`, only that shard's clips are labelled and the work directory
     is returned. The run without `shard` labels whatever is left, merges the clips in order into
     `labels` (the same store however the work was split) and writes the reports.
     """
@@ -117,7 +141,7 @@ def run(params: Params, *, clips: Path, flow_model: Path, tracker: Path, labels:
              "labelled_clips": chosen, "frame_step": params.frame_step,
              "params": params.model_dump(mode="json")}
     work = work_dir(labels)
-    _, resumed = plan_once(work, _signature(params, clips, frames.shape, flow_model, tracker),
+    _, resumed = plan_once(work, work_fingerprint(params, clips, frames.shape, flow_model, tracker),
                            lambda _: {"clips": chosen})
     markers = ProgressMarkers(work)
     mine = chosen if shard is None else shard.select(chosen)
@@ -134,7 +158,7 @@ def run(params: Params, *, clips: Path, flow_model: Path, tracker: Path, labels:
         markers.mark_done(clip)
     if shard is not None:
         log.info("shard %s: %d of %d clips in %s", shard, len(mine), len(chosen), work)
-        current().log_metrics({"data/shard_clips": len(mine)})
+        current_run().log_metrics({"data/shard_clips": len(mine)})
         return {"partial": work}
     with atomic_dir(labels) as tmp:
         group = create_label_store(tmp, image_size=size, window=window, points=params.points_per_sample,
@@ -160,8 +184,8 @@ def report(stats: dict, thresholds: FlowThresholds, tau: float, *, labels: Path,
                           xlabel="px / frame")
     summary = {k: v for k, v in stats.items() if not k.endswith("histogram")}
     write_json(metrics, summary)
-    current().log_metrics({f"data/{k}": float(v) for k, v in summary.items()})
-    current().log_artifact(reports / "speed_histograms.png")
+    current_run().log_metrics({f"data/{k}": float(v) for k, v in summary.items()})
+    current_run().log_artifact(reports / "speed_histograms.png")
     log.info("kept %.1f%% of flow pixels and %.1f%% of tracks (%d tracks in %d samples); flow pixels "
              "passing each test: %s", 100 * stats["kept_fraction_flow"], 100 * stats["kept_fraction_tracks"],
              stats["tracks_kept"], stats["track_samples"],
@@ -169,12 +193,12 @@ def report(stats: dict, thresholds: FlowThresholds, tau: float, *, labels: Path,
     return {"labels": labels, "stats": reports / "stats.json", "metrics": metrics}
 
 
-def run_stage(params: Params, paths: Paths, shard: Shard | None = None) -> dict[str, Path]:
-    clips = paths.clips if params.source == "clips" else paths.motion_gt / "gt.zarr"
-    models = paths.artifacts / "motion_pretrain"
-    return run(params, clips=clips, flow_model=models / "flow.pt", tracker=models / "tracker.pt",
-               labels=paths.clips.parent / "labels.zarr", reports=paths.reports / "pseudo_labels",
-               metrics=paths.metrics / "pseudo_labels.json", shard=shard)
+def run_from_paths(params: Params, paths: Paths, shard: Shard | None = None) -> dict[str, Path]:
+    models = paths.artifacts_of("motion_pretrain")
+    return run(params, clips=paths.frames(params.source), flow_model=models / "flow.pt",
+               tracker=models / "tracker.pt", labels=paths.label_store(params.source),
+               reports=paths.reports_of("pseudo_labels", params.source),
+               metrics=paths.metrics_of("pseudo_labels", params.source), shard=shard)
 
 
 def work_dir(labels: Path) -> Path:
@@ -242,15 +266,6 @@ def label_tracks(group, clip: int, video: torch.Tensor, model: PointTracker, tau
     return {"tracks_queried": int(keep.numel()), "tracks_kept": int(keep.sum())}
 
 
-def grid_queries(size: tuple[int, int], step: int) -> torch.Tensor:
-    """(1, N, 2) (x, y) pixel centres every `step` px, the grid centred in the (H, W) frame."""
-    h, w = size
-    ys = torch.arange((h - 1) % step // 2 + 0.0, h, step) if step < h else torch.tensor([(h - 1) / 2])
-    xs = torch.arange((w - 1) % step // 2 + 0.0, w, step) if step < w else torch.tensor([(w - 1) / 2])
-    yy, xx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([xx.flatten(), yy.flatten()], -1)[None]
-
-
 def summarise(group, markers: list[dict]) -> dict:
     """Kept fractions and speed histograms of everything in the store."""
     keys = ("flow_pixels", "flow_kept", "tracks_queried", "tracks_kept",
@@ -270,23 +285,13 @@ def summarise(group, markers: list[dict]) -> dict:
 
 
 def _load_models(flow_model: Path, tracker: Path, params: Params) -> tuple[torch.nn.Module, PointTracker]:
-    for path in (flow_model, tracker):
-        if not path.exists():
-            raise FileNotFoundError(f"motion model not found: {path} (run `mam2 motion_pretrain` first)")
-    try:
-        return load_flow_model(flow_model, params.flow_model_name).eval(), load_tracker(tracker).eval()
-    except CheckpointError as err:
-        raise StageError(str(err)) from err
+    return load_flow(flow_model, params.flow_model_name).eval(), load_point_tracker(tracker).eval()
 
 
-def _signature(params: Params, clips: Path, shape: tuple, *models: Path) -> str:
+def work_fingerprint(params: Params, clips: Path, shape: tuple, *models: Path) -> str:
     """Identifies the work: params, the frames store's shape and the model files' contents."""
-    digests = [hashlib.sha256(path.read_bytes()).hexdigest() for path in models]
-    blob = json.dumps([params_hash(params), str(clips), list(shape), digests]).encode()
-    return hashlib.sha256(blob).hexdigest()
+    return fingerprint(params, clips, list(shape), [file_digest(path) for path in models])
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_main
-
-    raise SystemExit(stage_main("pseudo_labels"))
+    raise SystemExit(stage_cli.main(sys.modules[__name__]))

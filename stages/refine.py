@@ -9,32 +9,33 @@ the shared training loop. `method: photometric` is the paper's self-supervised b
 make good models worse.
 
 Refinement is per target domain; each target gets its own refined models:
-- `motion_gt`: the rendered evaluation clips. Their pseudo-labels are made from their frames alone
-  (the pseudo_labels + densify recipe, with the thresholds recorded in train_labels.zarr), never
-  from their ground truth; before and after refinement the models are scored against the ground
-  truth on the same clips: flow EPE and 1/3/5 px accuracy, TAP-Vid delta_avg, occlusion accuracy
-  and AJ (first and strided queries).
-- `clips`: the decoded (real) clips, refined on `train_labels.zarr`; without ground truth they
+- `motion_gt`: the rendered evaluation clips, refined on `paths.motion_gt_train_labels`: the
+  pseudo_labels and densify stages run on their frames alone (`pseudo_labels@motion_gt` and
+  `densify@motion_gt` in dvc.yaml), never on their ground truth; before and after refinement the
+  models are scored against the ground truth on the same clips: flow EPE and 1/3/5 px accuracy,
+  TAP-Vid delta_avg, occlusion accuracy and AJ (first and strided queries).
+- `clips`: the decoded (real) clips, refined on `paths.train_labels`; without ground truth they
   are scored by the fraction of cycle-consistent flow and the photometric error.
 
-Losses are in `pipeline.refine_losses`, metrics in `pipeline.motion_eval`, pictures in
-`pipeline.motion_pictures`. The demo budget (a few dozen steps per model and target) shows the
+This stage only reads labels; it never makes them.
+
+Losses are in `models.motion_losses`, metrics in `pipeline.motion.evaluate`, pictures in
+`pipeline.motion.pictures`. The demo budget (a few dozen steps per model and target) shows the
 machinery on CPU; the paper's 1,000 steps of batch 12 per video need a GPU.
 
-Inputs: `artifacts/motion_pretrain/{flow.pt,tracker.pt}`, `data/train_labels.zarr` (and the frames
-source it names), `paths.motion_gt/gt.zarr`.
+Inputs: `artifacts/motion_pretrain/{flow.pt,tracker.pt}`, the train labels of each target (and the
+frames store they name), `paths.motion_gt/gt.zarr`.
 Outputs: `artifacts/refine/<target>/{flow.pt,tracker.pt}`, `metrics/refine.json` (before/after per
 target), `reports/refine/` (training curves, flow colour images, track overlay videos; also logged
-to MLflow); resumable state in `runs/refine/` (also the motion_gt pseudo-labels).
+to MLflow); resumable state in `runs/refine/`.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import hashlib
-import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -44,21 +45,34 @@ import torch
 import zarr
 from pydantic import BeforeValidator, Field, field_validator
 
-from models.flow import CheckpointError, read_weights
-from models.flow_io import load_flow_model, save_flow_model
-from models.tracker import PointTracker, load_tracker, save_tracker
-from pipeline.atomic import atomic_dir, write_json
-from pipeline.errors import StageError
-from pipeline.label_store import open_label_store
-from pipeline.motion_augment import AugmentParams, FramePairs, LabelFlowPairs, LabelTrackSamples
-from pipeline.motion_eval import (consecutive_pairs, evaluate_ground_truth, open_ground_truth,
-                                  unlabelled_flow_metrics, zero_motion_flow_scores)
-from pipeline.motion_pictures import grid_queries, save_comparison
-from pipeline.params import Paths, StageParams
-from pipeline.refine_losses import (flow_label_loss, photometric_flow_loss, photometric_track_loss,
-                                    track_label_loss)
-from pipeline.tracking import current
-from pipeline.training import TrainParams, init_distributed, stage_train_params, train, write_history
+from models.flow import read_weights
+from models.flow_io import save_flow_model
+from models.motion_losses import (
+    flow_label_loss,
+    photometric_flow_loss,
+    photometric_track_loss,
+    track_label_loss,
+)
+from models.tracker import PointTracker, save_tracker
+from pipeline.core import stage_cli
+from pipeline.core.atomic import atomic_dir, write_json
+from pipeline.core.errors import StageError
+from pipeline.core.fingerprint import file_digest, fingerprint
+from pipeline.core.mlflow_runs import current_run
+from pipeline.core.params import Paths, StageParams
+from pipeline.core.training import TrainParams, init_distributed, stage_train_params, train, write_history
+from pipeline.motion.augment import AugmentParams, FramePairs, LabelFlowPairs, LabelTrackSamples
+from pipeline.motion.checkpoints import load_flow, load_point_tracker
+from pipeline.motion.cycle import grid_queries
+from pipeline.motion.evaluate import (
+    consecutive_pairs,
+    evaluate_ground_truth,
+    open_ground_truth,
+    unlabelled_flow_metrics,
+    zero_motion_flow_scores,
+)
+from pipeline.motion.label_store import open_label_store
+from pipeline.motion.pictures import save_comparison
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +120,8 @@ class Params(StageParams):
                                       "|f + b| < alpha (|f| + |b|) + beta that scores consistency "
                                       "(null: the pseudo-labels' own, from train_labels.zarr)")
     cycle_beta: float | None = Field(None, ge=0, description="clips target: see cycle_alpha (px)")
-    flow_train: stage_train_params(FLOW_TRAIN) = Field(FLOW_TRAIN, description="flow fine-tuning (shared loop)")
+    flow_train: stage_train_params(FLOW_TRAIN) = Field(FLOW_TRAIN,
+                                                       description="flow fine-tuning (shared loop)")
     track_train: stage_train_params(TRACK_TRAIN) = Field(TRACK_TRAIN,
                                                          description="tracker fine-tuning (shared loop)")
 
@@ -118,9 +133,10 @@ class Params(StageParams):
         return value
 
 
-def run(params: Params, *, motion_models: Path, train_labels: Path, motion_gt: Path, artifacts: Path,
-        run_dir: Path, metrics: Path, reports: Path) -> dict[str, Path]:
-    """Refine the models in `motion_models` on each target; write models, metrics and reports."""
+def run(params: Params, *, motion_models: Path, train_labels: dict[str, Path], motion_gt: Path,
+        artifacts: Path, run_dir: Path, metrics: Path, reports: Path) -> dict[str, Path]:
+    """Refine the models in `motion_models` on each target's pseudo-labels (`train_labels[target]`,
+    made by pseudo_labels and densify for that target); write models, metrics and reports."""
     place = init_distributed()
     flow_ckpt, tracker_ckpt = motion_models / "flow.pt", motion_models / "tracker.pt"
     outputs = {"artifacts": artifacts, "metrics": metrics, "reports": reports}
@@ -132,23 +148,23 @@ def run(params: Params, *, motion_models: Path, train_labels: Path, motion_gt: P
         return outputs
     if place.is_main:
         write_json(metrics, summary)
-        current().log_artifact(metrics)
-        current().log_artifact(reports, "refine")
+        current_run().log_artifact(metrics)
+        current_run().log_artifact(reports, "refine")
     return outputs
 
 
-def refine_targets(params: Params, flow_ckpt: Path, tracker_ckpt: Path, train_labels: Path, motion_gt: Path,
-                   artifacts: Path, run_dir: Path, reports: Path, is_main: bool) -> dict:
+def refine_targets(params: Params, flow_ckpt: Path, tracker_ckpt: Path, train_labels: dict[str, Path],
+                   motion_gt: Path, artifacts: Path, run_dir: Path, reports: Path, is_main: bool) -> dict:
     """For each target: labels, scores before, fine-tuning, scores after, models and pictures."""
     summary: dict = {"method": params.method}
     with atomic_dir(artifacts) as art, atomic_dir(reports) as rep:
         for target in params.targets:
             started = time.perf_counter()
-            labels = target_labels(target, params, train_labels, motion_gt, flow_ckpt, tracker_ckpt, run_dir)
+            labels = target_labels(target, train_labels)
             pre_flow, pre_tracker = load_models(flow_ckpt, tracker_ckpt)
             flow, tracker = copy.deepcopy(pre_flow), copy.deepcopy(pre_tracker)
             before = evaluate(target, params, pre_flow, pre_tracker, labels, motion_gt) if is_main else {}
-            key = fingerprint(params, labels, flow_ckpt, tracker_ckpt)
+            key = work_fingerprint(params, labels, flow_ckpt, tracker_ckpt)
             if params.refine_flow:
                 flow = refine_model("flow", flow, labels, params, run_dir / target / "flow", key, rep, target)
             if params.refine_tracker:
@@ -166,7 +182,7 @@ def refine_targets(params: Params, flow_ckpt: Path, tracker_ckpt: Path, train_la
             save_flow_model(flow, flow_name(flow_ckpt), art / target / "flow.pt")
             save_tracker(tracker, art / target / "tracker.pt")
             draw_pictures(target, params, (pre_flow, flow), (pre_tracker, tracker), labels, motion_gt, rep)
-            summary[target]["seconds"] = round(time.perf_counter() - started, 1)
+            current_run().log_metrics({f"time/{target}_seconds": time.perf_counter() - started})
     return summary
 
 
@@ -177,56 +193,21 @@ def label_summary(labels: zarr.Group) -> dict:
             "track_samples": int(labels["tracks/clip"].shape[0]), **kept}
 
 
-def run_stage(params: Params, paths: Paths) -> dict[str, Path]:
-    return run(params, motion_models=paths.artifacts / "motion_pretrain",
-               train_labels=paths.clips.parent / "train_labels.zarr", motion_gt=paths.motion_gt,
-               artifacts=paths.artifacts / "refine", run_dir=paths.runs / "refine",
-               metrics=paths.metrics / "refine.json", reports=paths.reports / "refine")
+def run_from_paths(params: Params, paths: Paths) -> dict[str, Path]:
+    return run(params, motion_models=paths.artifacts_of("motion_pretrain"),
+               train_labels={target: paths.train_label_store(target) for target in params.targets},
+               motion_gt=paths.motion_gt, artifacts=paths.artifacts_of("refine"),
+               run_dir=paths.runs_of("refine"), metrics=paths.metrics_of("refine"),
+               reports=paths.reports_of("refine"))
 
 
 class _Stopped(Exception):
     """Training ended early on `stop_after`; a rerun continues it."""
 
 
-def target_labels(target: str, params: Params, train_labels: Path, motion_gt: Path, flow_ckpt: Path,
-                  tracker_ckpt: Path, run_dir: Path) -> zarr.Group:
-    """The pseudo-labels to refine on: train_labels.zarr for the clips; for motion_gt, labels made
-    from the gt.zarr frames alone (cached in run_dir) with the recipe recorded in train_labels."""
-    recipe = open_label_store(train_labels)
-    if target == "clips":
-        return recipe
-    return open_label_store(gt_labels(recipe, motion_gt / "gt.zarr", flow_ckpt, tracker_ckpt,
-                                      run_dir / "motion_gt" / "labels"))
-
-
-def gt_labels(recipe: zarr.Group, gt_store: Path, flow_ckpt: Path, tracker_ckpt: Path, work: Path) -> Path:
-    """Pseudo-label and densify the motion_gt frames (never their ground truth) with the pseudo_labels
-    and densify params recorded in `recipe` (train_labels.zarr attrs); reused while nothing changed."""
-    from stages import densify, pseudo_labels  # the two label stages, run on another frames store
-
-    if not gt_store.exists():
-        raise FileNotFoundError(f"motion ground truth not found: {gt_store} (run `mam2 demo_data` first)")
-    if "params" not in recipe.attrs or "densify" not in recipe.attrs:
-        raise StageError(f"{recipe.store}: no pseudo_labels/densify params in its attrs (made by an older "
-                         f"densify?); rerun `mam2 pseudo_labels` and `mam2 densify`")
-    label_params = pseudo_labels.Params.model_validate({**recipe.attrs["params"], "source": "motion_gt",
-                                                        "clip_filter": "all", "max_clips": None})
-    densify_params = densify.Params.model_validate(recipe.attrs["densify"])
-    digest = hashlib.sha256(json.dumps([label_params.model_dump(mode="json"),
-                                        densify_params.model_dump(mode="json")]).encode())
-    for path in (flow_ckpt, tracker_ckpt, *sorted(p for p in (gt_store / "frames").rglob("*") if p.is_file())):
-        digest.update(path.read_bytes())
-    out, marker = work / "train_labels.zarr", work / "recipe.sha256"
-    if out.exists() and marker.exists() and marker.read_text() == digest.hexdigest():
-        return out
-    log.info("pseudo-labelling the motion_gt frames with the recipe of %s", recipe.store)
-    pseudo_labels.run(label_params, clips=gt_store, flow_model=flow_ckpt, tracker=tracker_ckpt,
-                      labels=work / "labels.zarr", reports=work / "pseudo_labels",
-                      metrics=work / "pseudo_labels.json")
-    densify.run(densify_params, labels=work / "labels.zarr", tracker=tracker_ckpt, train_labels=out,
-                work=work / "densify", reports=work / "densify_reports", metrics=work / "densify.json")
-    marker.write_text(digest.hexdigest())
-    return out
+def target_labels(target: str, train_labels: dict[str, Path]) -> zarr.Group:
+    """The pseudo-labels to refine on: the densify stage's store of the target's frames."""
+    return open_label_store(train_labels[target])
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -234,14 +215,7 @@ def gt_labels(recipe: zarr.Group, gt_store: Path, flow_ckpt: Path, tracker_ckpt:
 
 def load_models(flow_ckpt: Path, tracker_ckpt: Path) -> tuple[torch.nn.Module, PointTracker]:
     """The pre-trained flow model and tracker; unreadable or misfitting weights are a StageError."""
-    if not tracker_ckpt.exists():
-        raise FileNotFoundError(f"tracker not found: {tracker_ckpt} (run `mam2 motion_pretrain` first)")
-    if not flow_ckpt.exists():
-        raise FileNotFoundError(f"flow model not found: {flow_ckpt} (run `mam2 motion_pretrain` first)")
-    try:
-        return load_flow_model(flow_ckpt), load_tracker(tracker_ckpt)
-    except CheckpointError as err:
-        raise StageError(str(err)) from err
+    return load_flow(flow_ckpt), load_point_tracker(tracker_ckpt)
 
 
 def flow_name(path: Path) -> str:
@@ -258,16 +232,12 @@ def frames_source(labels: zarr.Group) -> zarr.Array:
     return zarr.open_group(str(path), mode="r")["frames"]
 
 
-def fingerprint(params: Params, labels: zarr.Group, flow_ckpt: Path, tracker_ckpt: Path) -> str:
+def work_fingerprint(params: Params, labels: zarr.Group, flow_ckpt: Path, tracker_ckpt: Path) -> str:
     """Identifies a fine-tuning run: other settings, labels or starting weights are not resumed from."""
-    digest = hashlib.sha256()
-    for path in (flow_ckpt, tracker_ckpt):
-        digest.update(path.read_bytes())
     shapes = {k: list(labels[k].shape) for k in ("flow/flow", "tracks/coords")}
-    blob = json.dumps([params.model_dump(mode="json", exclude={"flow_train", "track_train", "targets"}),
-                       str(labels.store), shapes, dict(labels.attrs), digest.hexdigest()],
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return fingerprint(params.model_dump(mode="json", exclude={"flow_train", "track_train", "targets"}),
+                       str(labels.store), shapes, dict(labels.attrs), file_digest(flow_ckpt),
+                       file_digest(tracker_ckpt))
 
 
 # ----------------------------------------------------------------------------------- evaluation
@@ -296,7 +266,7 @@ def labelled_clips(labels: zarr.Group) -> np.ndarray:
 def log_comparison(target: str, before: dict, after: dict) -> None:
     """MLflow metrics val/<target>/<before|after>/<group>/<metric>, and a log line per metric."""
     for phase, scores in (("before", before), ("after", after)):
-        current().log_metrics({f"val/{target}/{phase}/{group}/{name}": value
+        current_run().log_metrics({f"val/{target}/{phase}/{group}/{name}": value
                                for group, values in scores.items() for name, value in values.items()
                                if np.isfinite(value)})
     for group, values in after.items():
@@ -322,7 +292,7 @@ def refine_model(kind: str, model: torch.nn.Module, labels: zarr.Group, params: 
         return model
     log.info("refining the %s on %s: %d samples, %d steps of %d (%s)", kind, target, len(dataset),
              train_params.steps, train_params.batch_size, params.method)
-    current().log_metrics({f"data/{target}_{kind}_samples": len(dataset)})
+    current_run().log_metrics({f"data/{target}_{kind}_samples": len(dataset)})
     result = train(model, dataset, loss, train_params, run_dir, fingerprint=key)
     if not result.completed:
         raise _Stopped(f"{target} {kind}: stopped after step {result.step} of {train_params.steps}")
@@ -365,15 +335,13 @@ def draw_pictures(target: str, params: Params, flows: tuple, trackers: tuple, la
         tracks, visible = np.asarray(gt["tracks"][0]), np.asarray(gt["visible"][0])
     else:
         frames, reference = np.asarray(frames_source(labels)[int(labelled_clips(labels)[0])]), None
-        tracks, visible = grid_queries(frames.shape[1:3]), None
+        tracks, visible = grid_queries(frames.shape[1:3], step=16).numpy(), None
     panel, _, video = save_comparison(frames, tracks, visible, reference, flows, trackers,
                                       flow_updates=params.flow_updates, track_iters=params.track_iters,
                                       stem=reports / target)
-    current().log_image(panel, f"refine/{target}_flow.png")
-    current().log_artifact(video, "refine")
+    current_run().log_image(panel, f"refine/{target}_flow.png")
+    current_run().log_artifact(video, "refine")
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_main
-
-    raise SystemExit(stage_main("refine"))
+    raise SystemExit(stage_cli.main(sys.modules[__name__]))

@@ -11,14 +11,13 @@ path and sha256, the clips path. A few clips at a time are read (in a background
 (on the GPU when there is one) and written (in another thread), so memory stays flat in N. The store
 is built in its partial sibling with a done marker per batch: a killed run resumes, a finished one is
 renamed into place; `--shard i/n` encodes every n-th batch into the shared partial store and the run
-without `--shard` commits it (pipeline/shards.py).
+without `--shard` commits it (pipeline/core/shards.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,14 +30,16 @@ import zarr
 from pydantic import Field
 
 from models.vqgan import VQGAN, CheckpointError, load_vqgan
-from pipeline.atomic import commit, partial_path
-from pipeline.errors import StageError
-from pipeline.params import Paths, StageParams, params_hash
-from pipeline.progress import progress_bar
-from pipeline.shards import ProgressMarkers, Shard, finish_plan, plan_once
-from pipeline.stores import compressor, open_clips
-from pipeline.tensors import clip_to_tensor
-from pipeline.tracking import current
+from pipeline.core import stage_cli
+from pipeline.core.atomic import commit, partial_path
+from pipeline.core.errors import StageError, require
+from pipeline.core.fingerprint import file_digest, fingerprint
+from pipeline.core.mlflow_runs import current_run
+from pipeline.core.params import Paths, StageParams
+from pipeline.core.progress import progress_bar
+from pipeline.core.shards import ProgressMarkers, Shard, finish_plan, plan_once
+from pipeline.core.stores import compressor, open_clips
+from pipeline.core.tensors import clip_to_tensor
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def run(params: Params, *, clips: Path, tokenizer: Path, targets: Path,
     model = load_tokenizer(tokenizer)
     check_geometry(frames.shape, model, clips)
     device = pick_device(params.device)
-    digest = sha256_file(tokenizer)
+    digest = file_digest(tokenizer)
     tmp = partial_path(targets)
     num_clips = frames.shape[0]
     batches = [range(s, min(s + params.clips_per_batch, num_clips))
@@ -78,7 +79,7 @@ def run(params: Params, *, clips: Path, tokenizer: Path, targets: Path,
              "tokenizer": str(tokenizer), "tokenizer_sha256": digest, "clips": str(clips),
              "precision": params.precision, "rgb_diff": "frame[t+1] - frame[t], exact",
              "codes_flipped": "codes of frame[:, ::-1] (mirrored width), in the mirrored frame's layout"}
-    signature = _signature(params, clips, frames.shape, digest)
+    signature = work_fingerprint(params, clips, frames.shape, digest)
     _, resumed = plan_once(tmp, signature, lambda store_dir: _plan(store_dir, frames.shape, attrs, signature))
     mine = batches if shard is None else shard.select(batches)
     markers = ProgressMarkers(tmp)
@@ -86,7 +87,7 @@ def run(params: Params, *, clips: Path, tokenizer: Path, targets: Path,
     if resumed and len(todo) < len(mine):
         log.info("resuming: %d of %d batches already written", len(mine) - len(todo), len(mine))
     rate = write_targets(model.to(device).eval(), frames, tmp, todo, params, device, markers)
-    current().log_metrics({"data/targets_frames_per_s": rate, "data/clips": num_clips})
+    current_run().log_metrics({"data/targets_frames_per_s": rate, "data/clips": num_clips})
     if shard is not None:
         log.info("shard %s: %d of %d batches in %s", shard, len(mine), len(batches), tmp)
         return {"partial": tmp}
@@ -99,15 +100,14 @@ def run(params: Params, *, clips: Path, tokenizer: Path, targets: Path,
     return {"targets": targets}
 
 
-def run_stage(params: Params, paths: Paths, shard: Shard | None = None) -> dict[str, Path]:
-    return run(params, clips=paths.clips, tokenizer=paths.artifacts / "tokenizer" / "vqgan.pt",
-               targets=paths.clips.parent / "targets.zarr", shard=shard)
+def run_from_paths(params: Params, paths: Paths, shard: Shard | None = None) -> dict[str, Path]:
+    return run(params, clips=paths.clips, tokenizer=paths.artifacts_of("tokenizer") / "vqgan.pt",
+               targets=paths.targets, shard=shard)
 
 
 def load_tokenizer(path: Path) -> VQGAN:
     """The tokenizer stage's VQGAN; a clear error when it is missing or unreadable."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"tokenizer not found: {path} (run `mam2 tokenizer` first)")
+    require(path, "tokenizer", "tokenizer")
     try:
         return load_vqgan(path)
     except CheckpointError as err:
@@ -170,7 +170,8 @@ def write_targets(model: VQGAN, frames: zarr.Array, store_dir: Path, batches: li
             if i + 1 < len(batches):
                 reading = read(batches[i + 1])
             codes, flipped = encode_clips(model, clips, device=device,
-                                          frames_per_batch=params.frames_per_batch, precision=params.precision)
+                                          frames_per_batch=params.frames_per_batch,
+                                          precision=params.precision)
             while len(writing) >= params.writers:
                 update(writing.popleft().result())
             writing.append(pool.submit(_write_batch, arrays, rows, clips, codes, flipped, markers))
@@ -213,26 +214,14 @@ def _plan(store_dir: Path, frames_shape: tuple[int, ...], attrs: dict, signature
     return {"signature": signature}
 
 
-def _signature(params: Params, clips: Path, shape: tuple[int, ...], tokenizer_sha256: str) -> str:
+def work_fingerprint(params: Params, clips: Path, shape: tuple[int, ...], tokenizer_sha256: str) -> str:
     """Identifies the work: params (not the device or the writers, so shards may run on CPUs and GPUs
     alike), the tokenizer's bytes and the clips store (path, shape and when its metadata was written)."""
     stamps = [(p.name, p.stat().st_mtime_ns) for p in (Path(clips) / "zarr.json",
                                                       Path(clips) / "frames" / "zarr.json") if p.exists()]
     work = params.model_copy(update={"device": "auto", "writers": 1})
-    blob = json.dumps([params_hash(work), tokenizer_sha256, str(Path(clips).resolve()), list(shape), stamps])
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    """SHA-256 of a file's bytes, read in blocks (official checkpoints are ~1 GB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return fingerprint(work, tokenizer_sha256, str(Path(clips).resolve()), list(shape), stamps)
 
 
 if __name__ == "__main__":
-    from pipeline.cli import stage_main
-
-    raise SystemExit(stage_main("targets"))
+    raise SystemExit(stage_cli.main(sys.modules[__name__]))

@@ -16,9 +16,8 @@ codebook usage and perplexity), `reports/tokenizer/` (originals-vs-reconstructio
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -29,21 +28,35 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from einops import rearrange
-from PIL import Image
 from pydantic import Field, model_validator
 from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
 from torch import Tensor, nn
 
-from models.vqgan import (VQGAN, CheckpointError, VQGANConfig, VQGANOutput, load_taming_checkpoint, load_vqgan,
-                          save_vqgan)
-from pipeline.atomic import atomic_dir, atomic_file, write_json
-from pipeline.errors import StageError
-from pipeline.frames_dataset import (FramesDataset, centre_crop_size, from_vqgan, held_out_frames,
-                                     split_rows, to_vqgan)
-from pipeline.params import Paths, StageParams
-from pipeline.stores import input_stamp, open_clips
-from pipeline.tracking import current
-from pipeline.training import TrainParams, stage_train_params, train, write_history
+from models.vqgan import (
+    VQGAN,
+    CheckpointError,
+    VQGANConfig,
+    VQGANOutput,
+    load_taming_checkpoint,
+    load_vqgan,
+    save_vqgan,
+)
+from pipeline.core import stage_cli
+from pipeline.core.atomic import atomic_dir, save_png, write_json
+from pipeline.core.errors import StageError
+from pipeline.core.fingerprint import fingerprint, input_stamp
+from pipeline.core.mlflow_runs import current_run
+from pipeline.core.params import Paths, StageParams
+from pipeline.core.stores import open_clips
+from pipeline.core.training import TrainParams, stage_train_params, train, write_history
+from pipeline.data.frames_dataset import (
+    FramesDataset,
+    centre_crop_size,
+    from_vqgan,
+    held_out_frames,
+    split_rows,
+    to_vqgan,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,22 +157,22 @@ def run(params: Params, *, clips: Path, artifacts: Path, metrics: Path, reports:
                                 reports / "reconstructions.png")}
     if history:
         outputs["history"] = write_history(history, reports / "history.csv")
-    tracker = current()
-    tracker.log_metrics({f"val/{k}": summary[k] for k in ("psnr", "baseline_psnr", "codebook_usage",
+    mlrun = current_run()
+    mlrun.log_metrics({f"val/{k}": summary[k] for k in ("psnr", "baseline_psnr", "codebook_usage",
                                                           "perplexity")})
-    tracker.log_image(comparison_grid(frames, recon, params.grid_frames), "tokenizer/reconstructions.png")
-    tracker.log_artifact(metrics)
-    tracker.log_artifact(reports, "tokenizer")
+    mlrun.log_image(comparison_grid(frames, recon, params.grid_frames), "tokenizer/reconstructions.png")
+    mlrun.log_artifact(metrics)
+    mlrun.log_artifact(reports, "tokenizer")
     log.info("tokenizer (%s): held-out PSNR %.2f dB (mean frame %.2f dB), %.0f%% of %d codes used, "
              "perplexity %.1f", source, summary["psnr"], summary["baseline_psnr"],
              100 * summary["codebook_usage"], model.codebook_size, summary["perplexity"])
     return outputs
 
 
-def run_stage(params: Params, paths: Paths) -> dict[str, Path]:
-    return run(params, clips=paths.clips, artifacts=paths.artifacts / "tokenizer",
-               metrics=paths.metrics / "tokenizer.json", reports=paths.reports / "tokenizer",
-               run_dir=paths.runs / "tokenizer")
+def run_from_paths(params: Params, paths: Paths) -> dict[str, Path]:
+    return run(params, clips=paths.clips, artifacts=paths.artifacts_of("tokenizer"),
+               metrics=paths.metrics_of("tokenizer"), reports=paths.reports_of("tokenizer"),
+               run_dir=paths.runs_of("tokenizer"))
 
 
 # ----------------------------------------------------------------------------- loading
@@ -317,17 +330,17 @@ def train_tokenizer(params: Params, clips: Path, rows: np.ndarray, run_dir: Path
     log.info("training a %s VQGAN (%d codes) on %d frames of %d clips, %d steps", params.preset,
              objective.vqgan.codebook_size, len(dataset), len(rows), params.train.steps)
     return train(objective, dataset, lambda model, batch: model(batch), params.train, run_dir,
-                 fingerprint=_fingerprint(params, clips, rows), unit="frame",
+                 fingerprint=work_fingerprint(params, clips, rows), unit="frame",
                  find_unused_parameters=params.discriminator)
 
 
-def _fingerprint(params: Params, clips: Path, rows: np.ndarray) -> str:
+def work_fingerprint(params: Params, clips: Path, rows: np.ndarray) -> str:
     """What a resumable checkpoint must share with this run besides the train params."""
     model_keys = {"preset", "codebook_size", "crop_size", "flip", "recon_loss", "codebook_weight",
-                  "autoencoder_steps", "reinit_every", "discriminator", "disc_start", "disc_weight", "disc_layers"}
-    blob = json.dumps([params.model_dump(mode="json", include=model_keys), str(Path(clips).resolve()),
-                       rows.tolist(), input_stamp(clips)], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+                  "autoencoder_steps", "reinit_every", "discriminator", "disc_start", "disc_weight",
+                  "disc_layers"}
+    return fingerprint(params.model_dump(mode="json", include=model_keys), str(Path(clips).resolve()),
+                       rows.tolist(), input_stamp(clips))
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -347,8 +360,8 @@ def evaluate(model: VQGAN, frames: np.ndarray, batch: int) -> tuple[dict[str, fl
     counts = torch.bincount(torch.cat(codes), minlength=model.codebook_size).numpy()
     mean_frame = frames.astype(np.float64).mean(axis=0, keepdims=True)
     summary = {"psnr": psnr(frames, recon), "baseline_psnr": psnr(frames, mean_frame),
-               **code_statistics(counts), "val_frames": len(frames),
-               "eval_seconds": time.perf_counter() - start}
+               **code_statistics(counts), "val_frames": len(frames)}
+    current_run().log_metrics({"time/eval_seconds": time.perf_counter() - start})
     return summary, recon
 
 
@@ -372,14 +385,5 @@ def comparison_grid(frames: np.ndarray, recon: np.ndarray, count: int) -> np.nda
     return rearrange(pair, "r n h w c -> (r h) (n w) c")
 
 
-def save_png(image: np.ndarray, path: Path) -> Path:
-    """Write an (H, W, 3) uint8 image as PNG, atomically."""
-    with atomic_file(path) as tmp:
-        Image.fromarray(image).save(tmp, format="PNG")
-    return path
-
-
 if __name__ == "__main__":
-    from pipeline.cli import stage_main
-
-    raise SystemExit(stage_main("tokenizer"))
+    raise SystemExit(stage_cli.main(sys.modules[__name__]))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.video import write_mp4
+from pipeline.data.video import write_mp4
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -60,7 +60,8 @@ def ffmpeg_reference(path: Path, vf: str | None = None) -> np.ndarray:
     command = ["ffmpeg", "-v", "error", "-i", str(path)]
     if vf:
         command += ["-vf", vf]
-        width, height = map(int, vf.rsplit("crop=", 1)[1].split(":")[:2]) if "crop=" in vf else (width, height)
+        width, height = (map(int, vf.rsplit("crop=", 1)[1].split(":")[:2]) if "crop=" in vf
+                         else (width, height))
     command += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-"]
     raw = subprocess.run(command, capture_output=True, check=True).stdout
     return np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)

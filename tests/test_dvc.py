@@ -12,6 +12,8 @@ from pathlib import Path
 import yaml
 import zarr
 
+from pipeline.orchestrate.flows import read_dvc_stages
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -19,7 +21,7 @@ TINY = {
     "demo_data": {"classes": ["translate_left", "translate_right"], "videos_per_class": 2,
                   "num_frames": 12, "size": 64, "include_samples": False, "motion_gt_clips": 1,
                   "motion_gt_frames": 4, "motion_gt_points": 4},
-    "decode": {"num_frames": 4, "stride": 2, "clips_per_video": 1, "store_size": 32, "workers": 0},
+    "decode": {"num_frames": 9, "stride": 1, "clips_per_video": 1, "store_size": 64, "workers": 0},
     "tokenizer": {"codebook_size": 16, "crop_size": 32, "val_frames": 4, "grid_frames": 2,
                   "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "log_every": 1}},
     "targets": {"clips_per_batch": 2},
@@ -30,14 +32,14 @@ TINY = {
                  "train": {"steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1}},
 }
 _MOTION_TRAIN = {"steps": 2, "batch_size": 2, "warmup_steps": 1, "log_every": 1}
-# The motion branch on tiny data: the tracker's 8-frame windows need motion_gt clips of 9 frames, and
-# the tiny demo has no unlabelled (real) clips, so pseudo-labels come from motion_gt's frames.
+# The motion branch on tiny data: the tracker's 8-frame windows need clips of 9 frames (decoded clips
+# and motion_gt alike), and the tiny demo has no unlabelled (real) clips, so every clip is labelled.
 TINY_MOTION = {
     "demo_data": {"motion_gt_frames": 9},
     "motion_pretrain": {"flow_updates": 2, "tracker_points": 8, "tracker_iters": 2, "eval_flow_updates": 2,
                         "eval_tracker_iters": 2, "eval_pairs_per_clip": 2, "flow_train": _MOTION_TRAIN,
                         "tracker_train": _MOTION_TRAIN},
-    "pseudo_labels": {"source": "motion_gt", "clip_filter": "all", "max_clips": None, "pairs_per_clip": 2,
+    "pseudo_labels": {"clip_filter": "all", "max_clips": None, "pairs_per_clip": 2,
                       "windows_per_clip": 1, "grid_step": 16, "flow_updates": 2, "tracker_iters": 2,
                       "alpha": 1.0, "beta": 50.0, "colour": 1.0, "tau": 1000.0, "scale_thresholds": False},
     "densify": {"window_size": 2, "max_queries_per_window": 32, "tracker_iters": 2, "static_speed": 0.0},
@@ -73,21 +75,23 @@ def test_dvc_repro_then_status_clean(tmp_path):
     params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()), motion=True)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "MAM2_TRACKING": "0"}
+           "MAM2_MLFLOW": "0"}
     repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=env, capture_output=True, text=True)
     assert repro.returncode == 0, repro.stdout + repro.stderr
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    stages = read_dvc_stages(repo)  # foreach stages as DVC names them: pseudo_labels@motion_gt
+    assert len(stages) == 12, list(stages)
     assert all(f"Running stage '{stage}'" in repro.stdout for stage in stages), repro.stdout
     store = zarr.open_group(str(repo / "data/clips.zarr"), mode="r")
-    assert store["frames"].shape == (4, 4, 32, 32, 3)
+    assert store["frames"].shape == (4, 9, 64, 64, 3)
     assert (repo / "dvc.lock").exists() and (repo / "reports/decode.json").exists()
     targets = zarr.open_group(str(repo / "data/targets.zarr"), mode="r")
-    assert targets["codes"].shape == (4, 4, 2, 2) and targets["rgb_diff"].shape == (4, 3, 32, 32, 3)
+    assert targets["codes"].shape == (4, 9, 4, 4) and targets["rgb_diff"].shape == (4, 8, 64, 64, 3)
     for out in ("artifacts/tokenizer/vqgan.pt", "metrics/tokenizer.json", "artifacts/pretrain/encoder.pt",
                 "metrics/pretrain.json", "reports/pretrain/history.csv", "metrics/finetune.json",
                 "reports/finetune/confusion.png", "artifacts/motion_pretrain/flow.pt",
-                "metrics/pseudo_labels.json", "metrics/densify.json", "artifacts/refine/motion_gt/flow.pt",
-                "metrics/refine.json"):
+                "metrics/pseudo_labels/clips.json", "metrics/pseudo_labels/motion_gt.json",
+                "metrics/densify/clips.json", "metrics/densify/motion_gt.json",
+                "artifacts/refine/motion_gt/flow.pt", "metrics/refine.json"):
         assert (repo / out).is_file(), out
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=repo, env=env, capture_output=True, text=True)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout

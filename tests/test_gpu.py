@@ -14,7 +14,7 @@ from models.masking import tube_mask
 from models.tracker import PointTracker, TrackerConfig
 from models.video_vit import build_encoder
 from models.vqgan import VQGAN, VQGANConfig
-from pipeline.training import CHECKPOINT, TrainParams, train
+from pipeline.core.training import CHECKPOINT, TrainParams, train
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -62,7 +62,8 @@ def test_tracker_on_cuda_matches_cpu():
 
 def tiny_mam2() -> MAM2:
     torch.manual_seed(0)
-    encoder = build_encoder("tiny", img_size=64, num_frames=8, patch_size=16, embed_dim=192, depth=4, num_heads=3)
+    encoder = build_encoder("tiny", img_size=64, num_frames=8, patch_size=16, embed_dim=192, depth=4,
+                            num_heads=3)
     return MAM2(encoder, "mam2", codebook_size=64, code_downsample=16, decoder_dim=128, decoder_depth=2,
                 decoder_heads=4, regressor_depth=2)
 

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from models.classifier import (
-    TablePosEmbed, VideoClassifier, classifier_config, layer_decay_param_groups, load_classifier, save_classifier,
+    TablePosEmbed,
+    VideoClassifier,
+    classifier_config,
+    layer_decay_param_groups,
+    load_classifier,
+    save_classifier,
 )
 from models.video_vit import build_encoder, sincos_pos_table
 
@@ -40,7 +45,7 @@ def test_layer_decay_scales():
 
 def test_layer_decay_lr_reaches_the_optimizer(tmp_path):
     """Through the shared loop, each group's lr is the schedule's lr x its scale."""
-    from pipeline.training import TrainParams, train
+    from pipeline.core.training import TrainParams, train
 
     model = classifier()
     params = TrainParams(steps=1, batch_size=2, base_lr=0.1, lr_scaling="none", warmup_steps=0,
@@ -71,7 +76,8 @@ def test_head_starts_small_and_linear_probe_freezes_the_encoder():
     assert all(p.grad is None for p in model.encoder.parameters())
     assert model.head.weight.grad is not None and model.fc_norm.weight.grad is not None
     trainable = [p for g in layer_decay_param_groups(model, 0.05, 0.75) for p in g["params"]]
-    assert {id(p) for p in trainable} == {id(p) for p in [*model.fc_norm.parameters(), *model.head.parameters()]}
+    assert {id(p) for p in trainable} == {id(p) for p in [*model.fc_norm.parameters(),
+                                                          *model.head.parameters()]}
 
 
 def test_input_norm_and_pooling():

@@ -16,7 +16,8 @@ CODEBOOK = 16
 
 
 def tiny_model(objective="mam2", patch=8, downsample=8, **kw):
-    enc = build_encoder("tiny", img_size=32, num_frames=8, patch_size=patch, embed_dim=64, depth=2, num_heads=4)
+    enc = build_encoder("tiny", img_size=32, num_frames=8, patch_size=patch, embed_dim=64, depth=2,
+                        num_heads=4)
     return MAM2(enc, objective, codebook_size=CODEBOOK, code_downsample=downsample, decoder_dim=64,
                 decoder_depth=2, decoder_heads=4, regressor_depth=2, **kw)
 

@@ -1,4 +1,5 @@
-"""Tests for models/tracker.py: shapes, chaining, padding, losses, checkpoints and a short training run (CPU)."""
+"""Tests for models/tracker.py: shapes, chaining, padding, losses, checkpoints and a short training run
+(CPU)."""
 
 import numpy as np
 import pytest
@@ -87,7 +88,8 @@ def test_losses():
     valid = torch.zeros(2, 8, 4)
     assert track_sequence_loss([bad], target, valid).item() == 0.0
     visible = torch.randint(0, 2, (2, 8, 4)).float()
-    assert visibility_loss((visible * 2 - 1) * 10, visible) < visibility_loss(-(visible * 2 - 1) * 10, visible)
+    assert (visibility_loss((visible * 2 - 1) * 10, visible)
+            < visibility_loss(-(visible * 2 - 1) * 10, visible))
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):

@@ -8,13 +8,21 @@ from timm.layers import DropPath
 
 from models.masking import tube_mask
 from models.video_vit import (
-    ENCODER_SIZES, build_encoder, interpolate_pos_table, patchify, scatter_tokens, sincos_pos_table,
-    split_tokens, take_tokens, unpatchify,
+    ENCODER_SIZES,
+    build_encoder,
+    interpolate_pos_table,
+    patchify,
+    scatter_tokens,
+    sincos_pos_table,
+    split_tokens,
+    take_tokens,
+    unpatchify,
 )
 
 
 def small_encoder(**kw):
-    return build_encoder("tiny", img_size=32, num_frames=8, patch_size=8, embed_dim=64, depth=2, num_heads=4, **kw)
+    return build_encoder("tiny", img_size=32, num_frames=8, patch_size=8, embed_dim=64, depth=2, num_heads=4,
+                         **kw)
 
 
 def test_patchify_order_matches_conv3d_tokens():
@@ -31,7 +39,8 @@ def test_split_take_scatter_roundtrip():
     x = torch.randn(2, 6, 5)
     mask = torch.tensor([[1, 0, 1, 0, 0, 1], [0, 1, 1, 1, 0, 0]], dtype=torch.bool)
     split = split_tokens(mask)
-    assert split.visible.tolist() == [[1, 3, 4], [0, 4, 5]] and split.masked.tolist() == [[0, 2, 5], [1, 2, 3]]
+    assert (split.visible.tolist() == [[1, 3, 4], [0, 4, 5]]
+            and split.masked.tolist() == [[0, 2, 5], [1, 2, 3]])
     got = take_tokens(x, split.masked)
     assert got.shape == (2, 3, 5) and torch.equal(got[1], x[1, 1:4])
     assert torch.equal(scatter_tokens(got, split.masked, 6)[mask], x[mask])

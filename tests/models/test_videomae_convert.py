@@ -10,14 +10,19 @@ import torch
 from models.classifier import TablePosEmbed, VideoClassifier
 from models.video_vit import build_encoder
 from models.videomae_convert import (
-    VideoMAEConversionError, load_head, load_videomae_encoder, read_videomae_state, videomae_encoder_config,
+    VideoMAEConversionError,
+    load_head,
+    load_videomae_encoder,
+    read_videomae_state,
+    videomae_encoder_config,
     videomae_sincos_table,
 )
 
 SIZE = dict(img_size=32, num_frames=4, patch_size=8, tubelet_size=2)
 WIDTH = dict(embed_dim=64, depth=2, num_heads=4)  # 64 is no published width: heads given explicitly
 BLOCK_KEYS = ("norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.proj.weight", "attn.proj.bias",
-              "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+              "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
+              "mlp.fc2.bias")
 
 
 def source_encoder():
@@ -45,8 +50,8 @@ def videomae_state(encoder, *, pretrained: bool = True, num_classes: int = 3) ->
     if pretrained:
         out.update({"encoder.norm.weight": sd["norm.weight"], "encoder.norm.bias": sd["norm.bias"],
                     "encoder_to_decoder.weight": torch.randn(32, 64), "mask_token": torch.zeros(1, 1, 32),
-                    "decoder.blocks.0.attn.qkv.weight": torch.randn(96, 32), "decoder.norm.weight": torch.ones(32),
-                    "decoder.head.weight": torch.randn(384, 32)})
+                    "decoder.blocks.0.attn.qkv.weight": torch.randn(96, 32),
+                    "decoder.norm.weight": torch.ones(32), "decoder.head.weight": torch.randn(384, 32)})
     else:
         out.update({"fc_norm.weight": torch.rand(64), "fc_norm.bias": torch.rand(64),
                     "head.weight": torch.randn(num_classes, 64), "head.bias": torch.randn(num_classes),
@@ -58,8 +63,9 @@ def test_pretrained_layout_loads_every_encoder_key(tmp_path):
     source = source_encoder()
     path = tmp_path / "videomae_pretrain.pth"
     torch.save({"model": videomae_state(source)}, path)
-    encoder, config, head, report = load_videomae_encoder(path, **{k: SIZE[k] for k in ("img_size", "num_frames")},
-                                                          source_num_frames=4, source_img_size=32, num_heads=4)
+    encoder, config, head, report = load_videomae_encoder(
+        path, **{k: SIZE[k] for k in ("img_size", "num_frames")}, source_num_frames=4, source_img_size=32,
+        num_heads=4)
     assert report.layout == "pretrain" and report.missing == [] and report.offending == []
     assert len(report.ignored) == 5 and head == {}
     assert config["embed_dim"] == 64 and config["depth"] == 2 and config["patch_size"] == 8
@@ -129,7 +135,8 @@ def test_config_of_published_vit_b_shapes():
         state = {"encoder.patch_embed.proj.weight": torch.empty(768, 3, 2, 16, 16),
                  **{f"encoder.blocks.{i}.mlp.fc1.weight": torch.empty(3072, 768) for i in range(12)}}
     config = videomae_encoder_config(state, img_size=224, num_frames=16)
-    assert (config["name"], config["embed_dim"], config["depth"], config["num_heads"]) == ("base", 768, 12, 12)
+    assert ((config["name"], config["embed_dim"], config["depth"], config["num_heads"])
+            == ("base", 768, 12, 12))
     assert (config["patch_size"], config["tubelet_size"], config["mlp_ratio"]) == (16, 2, 4.0)
     with pytest.raises(VideoMAEConversionError, match="heads"):
         videomae_encoder_config({"patch_embed.proj.weight": torch.empty(96, 3, 2, 16, 16)}, img_size=224,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from models.vqgan import (
-    CheckpointError,
     VQGAN,
+    CheckpointError,
     VQGANConfig,
     load_taming_checkpoint,
     load_vqgan,
@@ -166,7 +166,8 @@ def test_unreadable_or_foreign_files_are_checkpoint_errors(tmp_path, monkeypatch
 
 
 def test_yaml_missing_key_is_named(tmp_path):
-    for drop, key in [("    n_embed: 64\n", "model.params.n_embed"), ("      ch: 32\n", "model.params.ddconfig.ch")]:
+    for drop, key in [("    n_embed: 64\n", "model.params.n_embed"),
+                      ("      ch: 32\n", "model.params.ddconfig.ch")]:
         (path := tmp_path / "bad.yaml").write_text(OFFICIAL_YAML.replace(drop, ""))
         with pytest.raises(ValueError, match=key):
             VQGANConfig.from_yaml(path)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.errors import StageError
-from pipeline.shards import ProgressMarkers, Shard
+from pipeline.core.errors import StageError
+from pipeline.core.shards import ProgressMarkers, Shard
 from stages.decode import Params, run, sample_clips
 from tests.conftest import ffmpeg_reference
 
@@ -145,7 +145,7 @@ def _decode_cli(root: Path, clips: str) -> list[str]:
 def test_killed_decode_leaves_nothing_and_resumes_to_same_store(tmp_path, make_video):
     for i in range(12):
         make_video(f"raw/c{i % 2}/v{i}.mp4", num_frames=60, height=192, width=256, seed=i)
-    env = {**os.environ, "MAM2_TRACKING": "0", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "MAM2_MLFLOW": "0", "PYTHONPATH": str(REPO)}
     subprocess.run(_decode_cli(tmp_path, "ref.zarr"), env=env, check=True, cwd=tmp_path,
                    capture_output=True)
     process = subprocess.Popen(_decode_cli(tmp_path, "clips.zarr"), env=env, cwd=tmp_path,
@@ -173,7 +173,7 @@ def test_two_concurrent_shards_then_finalize_equal_one_unsharded_run(tmp_path, m
     for i in range(5):
         make_video(f"raw/c{i % 2}/v{i}.mp4", num_frames=40, seed=i)
     make_video("raw/c0/short.mp4", num_frames=6)  # skipped by the plan, reported by the final run
-    env = {**os.environ, "MAM2_TRACKING": "0", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "MAM2_MLFLOW": "0", "PYTHONPATH": str(REPO)}
 
     def cli(clips: str, reports: str, *extra: str) -> list[str]:
         return [*_decode_cli(tmp_path, clips), "--set", f"paths.reports={tmp_path / reports}", *extra]

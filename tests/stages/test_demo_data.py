@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from pipeline.video import probe
+from pipeline.data.video import probe
 from stages.decode import Params as DecodeParams
 from stages.decode import run as decode
 from stages.demo_data import SAMPLE_VIDEOS, Params, run

@@ -8,8 +8,14 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.label_store import (append_flow, create_label_store, histogram_entropy, open_label_store,
-                                  read_tracks, speed_histogram)
+from pipeline.motion.label_store import (
+    append_flow,
+    create_label_store,
+    histogram_entropy,
+    open_label_store,
+    read_tracks,
+    speed_histogram,
+)
 from stages.densify import Params, copy_moving_flow, dense_queries, rebalance_tracks, run
 from tests.stages.test_pseudo_labels import label, make_label_inputs
 
@@ -45,14 +51,16 @@ def test_rebalancing_drops_static_tracks_and_flattens_the_histogram():
 
 
 def test_static_and_empty_flow_pairs_are_dropped(tmp_path):
-    source = create_label_store(tmp_path / "in.zarr", image_size=(8, 8), window=8, points=4, attrs={"clips": "x"})
+    source = create_label_store(tmp_path / "in.zarr", image_size=(8, 8), window=8, points=4,
+                                attrs={"clips": "x"})
     flow = np.zeros((3, 2, 8, 8), np.float32)
     valid = np.ones((3, 8, 8), bool)
     flow[1, 0, :4] = 3.0  # pair 1: half of its pixels move 3 px
     flow[2, 0] = 3.0
     valid[2] = False  # pair 2 moves but has no valid pixel
     append_flow(source, np.array([[0, 0, 1], [0, 1, 2], [0, 2, 3]]), flow, valid)
-    out = create_label_store(tmp_path / "out.zarr", image_size=(8, 8), window=8, points=4, attrs={"clips": "x"})
+    out = create_label_store(tmp_path / "out.zarr", image_size=(8, 8), window=8, points=4,
+                             attrs={"clips": "x"})
     assert copy_moving_flow(source, out, static_speed=1.0, params=Params(min_moving_fraction=0.25)) == 1
     assert out["flow/pairs"][:].tolist() == [[0, 1, 2]]
     assert np.array_equal(out["flow/flow"][0], flow[1].astype(np.float16))
@@ -86,6 +94,7 @@ def test_densify_end_to_end(tmp_path):
 
 def test_missing_labels_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="pseudo_labels"):
-        run(Params(), labels=tmp_path / "none.zarr", tracker=tmp_path / "t.pt", train_labels=tmp_path / "o.zarr",
-            work=tmp_path / "w", reports=tmp_path / "r", metrics=tmp_path / "m.json")
+        run(Params(), labels=tmp_path / "none.zarr", tracker=tmp_path / "t.pt",
+            train_labels=tmp_path / "o.zarr", work=tmp_path / "w", reports=tmp_path / "r",
+            metrics=tmp_path / "m.json")
 

@@ -17,11 +17,11 @@ import yaml
 from models.classifier import load_classifier
 from models.encoder_io import save_encoder
 from models.video_vit import build_encoder
-from pipeline.errors import StageError
-from pipeline.synthetic import SceneStyle
+from pipeline.core.errors import StageError
+from pipeline.data.synthetic import SceneStyle
 from stages.finetune import Params, run
 from tests.models.test_videomae_convert import source_encoder, videomae_state
-from tests.pipeline.test_classify_data import write_class_store
+from tests.pipeline.classify.test_data import write_class_store
 
 REPO = Path(__file__).resolve().parents[2]
 MOTIONS = ["translate_left", "translate_right", "translate_up", "translate_down"]
@@ -30,7 +30,8 @@ EASY_MOTION = SceneStyle(num_objects=(1, 1), object_size=(0.3, 0.4), speed=(2.0,
 # 32^2 clips of 8 frames, 8 px tubelets: 4 x 4 x 4 tokens; a 2-block encoder of width 64
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 4, "patch_size": 8, "num_frames": 8, "frame_step": 1,
         "input_size": 32, "eval_clips": 1, "eval_crops": 1, "drop_path": 0.0}
-TRAIN = {"steps": 6, "batch_size": 8, "base_lr": 0.05, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 100}
+TRAIN = {"steps": 6, "batch_size": 8, "base_lr": 0.05, "warmup_steps": 2, "log_every": 2,
+         "checkpoint_every": 100}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -98,7 +99,8 @@ def test_outputs_metrics_and_a_kill_resumes(tmp_path, small_store):
     resumed = p.model_copy(update={"train": p.train.model_copy(update={"stop_after": None})})
     out = finetune(tmp_path, small_store, resumed)
     metrics = json.loads(out["metrics"].read_text())
-    assert {"top1", "top4", "top1_single_view", "per_class", "confusion", "train_seconds"} <= set(metrics)
+    assert {"top1", "top4", "top1_single_view", "per_class", "confusion", "train_steps"} <= set(metrics)
+    assert not [k for k in metrics if k.endswith(("seconds", "_per_s"))], "timings go to MLflow, not DVC"
     assert sum(map(sum, metrics["confusion"])) == 4 and set(metrics["per_class"]) == set(MOTIONS)
     history = (out["reports"] / "history.csv").read_text().splitlines()
     steps = [line.split(",")[0] for line in history]
@@ -155,15 +157,15 @@ def test_bad_inits_fail_clearly(tmp_path, small_store):
 
 
 def test_cli_validates_params(tmp_path, monkeypatch, capsys):
-    from pipeline.cli import stage_main
+    from pipeline.orchestrate.cli import main as mam2_main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MAM2_TRACKING", "0")
-    assert stage_main("finetune", ["--set", "finetune.mode=probe"]) == 2
+    monkeypatch.setenv("MAM2_MLFLOW", "0")
+    assert mam2_main(["finetune", "--set", "finetune.mode=probe"]) == 2
     assert "finetune.mode" in capsys.readouterr().err
-    assert stage_main("finetune", ["--set", "finetune.crop_scale=[0.5, 1.5]"]) == 2
+    assert mam2_main(["finetune", "--set", "finetune.crop_scale=[0.5, 1.5]"]) == 2
     assert "finetune.crop_scale" in capsys.readouterr().err
-    assert stage_main("finetune", ["--set", "finetune.train.steps=3"]) == 1  # valid params, no clips store
+    assert mam2_main(["finetune", "--set", "finetune.train.steps=3"]) == 1  # valid params, no clips store
     assert "clips store not found" in capsys.readouterr().err
     defaults = Params.model_validate({"train": {"steps": 3}}).train
     assert defaults.batch_size == 8 and defaults.base_lr == 0.032  # the stage's defaults, not the loop's
@@ -174,7 +176,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, small_store):
     """Without mixup (which pairs clips within each rank's micro-batch), DDP trains the same model."""
     settings = {"finetune": {**TINY, "init": "scratch", "mixup": 0.0, "cutmix": 0.0, "train": TRAIN},
                 "paths": {"clips": str(small_store)}}
-    env = {**os.environ, "MAM2_TRACKING": "0", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MAM2_MLFLOW": "0", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     models = []
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     for name, prefix in (("one", ()), ("two", torchrun)):

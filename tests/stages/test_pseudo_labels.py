@@ -15,22 +15,24 @@ import zarr
 from models.flow import build_flow_model, estimate_flow
 from models.flow_io import load_flow_model, save_flow_model
 from models.tracker import PointTracker, TrackerConfig, save_tracker
-from pipeline.cycle import flow_label_mask
-from pipeline.errors import StageError
-from pipeline.label_store import append_flow, counts, mark_done, open_label_store, start_partial
-from pipeline.shards import Shard
-from pipeline.stores import create_clips_store
-from pipeline.synthetic import GT_STYLE, render_motion_clip
-from pipeline.tensors import image_to_tensor
+from pipeline.core.errors import StageError
+from pipeline.core.params import Paths
+from pipeline.core.shards import Shard
+from pipeline.core.stores import create_clips_store
+from pipeline.core.tensors import image_to_tensor
+from pipeline.data.synthetic import GT_STYLE, render_motion_clip
+from pipeline.motion.cycle import flow_label_mask, grid_queries
+from pipeline.motion.label_store import append_flow, counts, mark_done, open_label_store, start_partial
 from stages import pseudo_labels
-from stages.pseudo_labels import Params, grid_queries, run, scaled_thresholds
+from stages.pseudo_labels import Params, run, scaled_thresholds
 
 TINY_TRACKER = TrackerConfig(feat_dim=16, hidden_dim=32, levels=2, radius=2, blocks=1)
 FAST = dict(pairs_per_clip=2, windows_per_clip=2, grid_step=16, points_per_sample=16, flow_updates=2,
             tracker_iters=2)
 
 
-def make_label_inputs(root: Path, num_clips: int = 2, num_frames: int = 10, size: int = 64) -> dict[str, Path]:
+def make_label_inputs(root: Path, num_clips: int = 2, num_frames: int = 10,
+                      size: int = 64) -> dict[str, Path]:
     """A small clips store of rendered scenes and (untrained, seeded) motion models saved to files."""
     frames = np.stack([render_motion_clip(size=(size, size), num_frames=num_frames, num_points=0,
                                           rng=np.random.default_rng(i), style=GT_STYLE).frames
@@ -201,3 +203,26 @@ def test_clear_errors(tmp_path, labelled):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(StageError, match="bad.pt"):
         label(tmp_path, {**inputs, "flow_model": tmp_path / "bad.pt"})
+
+
+def test_motion_gt_source_labels_its_frames_alone_into_its_own_store(tmp_path):
+    """`source: motion_gt` (dvc.yaml's pseudo_labels@motion_gt) reads only the frames of gt.zarr
+    (its ground-truth arrays are absent here) and writes the motion_gt label store, reports and
+    metrics, leaving the clips' outputs alone."""
+    inputs = make_label_inputs(tmp_path / "made")
+    paths = Paths(motion_gt=tmp_path / "motion_gt", artifacts=tmp_path / "artifacts",
+                  reports=tmp_path / "reports", metrics=tmp_path / "metrics",
+                  labels=tmp_path / "labels.zarr", motion_gt_labels=tmp_path / "gt_labels.zarr")
+    gt = zarr.open_group(str(paths.ground_truth()), mode="w")
+    gt.create_array("frames", data=zarr.open_group(str(inputs["clips"]), mode="r")["frames"][:])
+    models = paths.artifacts_of("motion_pretrain")
+    models.mkdir(parents=True)
+    for name in ("flow.pt", "tracker.pt"):
+        (models / name).write_bytes(inputs["flow_model" if name == "flow.pt" else "tracker"].read_bytes())
+    out = pseudo_labels.run_from_paths(Params(source="motion_gt", clip_filter="all", **FAST), paths)
+    assert out["labels"] == paths.motion_gt_labels and not paths.labels.exists()
+    group = open_label_store(paths.motion_gt_labels)
+    assert Path(group.attrs["clips"]) == paths.ground_truth() and group.attrs["source"] == "motion_gt"
+    assert counts(group)[0] == 2 * 2
+    assert (tmp_path / "reports" / "pseudo_labels" / "motion_gt" / "stats.json").exists()
+    assert json.loads((tmp_path / "metrics" / "pseudo_labels" / "motion_gt.json").read_text())["clips"] == 2

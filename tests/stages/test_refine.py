@@ -4,6 +4,7 @@ both targets, writes loadable models, before/after metrics and pictures; fails c
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,25 +15,17 @@ import zarr
 from models.flow import build_flow_model
 from models.flow_io import load_flow_model, save_flow_model
 from models.tracker import PointTracker, TrackerConfig, load_tracker, save_tracker
-from pipeline.errors import StageError
-from pipeline.label_store import append_flow, append_tracks, create_label_store
-from pipeline.params import ParamsError, validate_section
-from pipeline.synthetic import GT_STYLE, render_motion_clip
-from stages import densify, pseudo_labels
-from stages.refine import Params, gt_labels, run
+from pipeline.core.errors import StageError
+from pipeline.core.params import ParamsError, validate_section
+from pipeline.data.synthetic import GT_STYLE, render_motion_clip
+from pipeline.motion.label_store import append_flow, append_tracks, create_label_store
+from stages.refine import Params, run
 
 SIZE, FRAMES, WINDOW, POINTS = 64, 6, 4, 8
 TRAIN = {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "log_every": 1}
 TINY_TRACKER = TrackerConfig(window=WINDOW, feat_dim=16, hidden_dim=32, levels=2, blocks=1)
-# What pseudo_labels and densify record in the labels' attrs; refine re-runs them on motion_gt's frames.
-# Thresholds loose enough that untrained models leave labels to train on.
-LOOSE = {"alpha": 1.0, "beta": 50.0, "colour": 1.0, "tau": 1000.0, "scale_thresholds": False}
-RECIPE = {"params": {**pseudo_labels.Params(pairs_per_clip=2, windows_per_clip=1, grid_step=16, points_per_sample=8,
-                                            flow_updates=2, tracker_iters=1, **LOOSE).model_dump(mode="json")},
-          "densify": densify.Params(window_size=2, max_queries_per_window=16, tracker_iters=1,
-                                    static_speed=0.0).model_dump(mode="json"),
-          "alpha": 0.002, "beta": 0.02, "tau": 1000.0}
-
+# The thresholds pseudo_labels records in the labels' attrs (the clips target's cycle check reads them).
+RECIPE = {"alpha": 0.002, "beta": 0.02, "tau": 1000.0}
 
 
 def write_array(group: zarr.Group, name: str, values: np.ndarray) -> None:
@@ -78,7 +71,9 @@ def workspace(tmp_path: Path) -> dict[str, Path]:
     frames = write_frames(tmp_path / "data" / "clips.zarr", clips)
     labels = write_labels(tmp_path / "data" / "train_labels.zarr", frames, clips)
     (tmp_path / "motion_gt").mkdir()
-    write_frames(tmp_path / "motion_gt" / "gt.zarr", render(2, seed=2), with_gt=True)
+    gt_clips = render(2, seed=2)
+    gt = write_frames(tmp_path / "motion_gt" / "gt.zarr", gt_clips, with_gt=True)
+    gt_labels = write_labels(tmp_path / "data" / "motion_gt_train_labels.zarr", gt, gt_clips)
     models = tmp_path / "artifacts" / "motion_pretrain"
     models.mkdir(parents=True)
     torch.manual_seed(0)
@@ -88,7 +83,7 @@ def workspace(tmp_path: Path) -> dict[str, Path]:
     # motionless tracks as too easy: small random updates leave moving tracks to train on
     torch.nn.init.normal_(tracker.delta_head.weight, std=0.05)
     save_tracker(tracker, models / "tracker.pt")
-    return {"root": tmp_path, "labels": labels, "models": models}
+    return {"root": tmp_path, "labels": labels, "gt_labels": gt_labels, "models": models}
 
 
 def refine(ws: dict[str, Path], **overrides) -> dict[str, Path]:
@@ -96,7 +91,9 @@ def refine(ws: dict[str, Path], **overrides) -> dict[str, Path]:
                                     "track_augment": {"crop": [48, 48]},
                                     "flow_train": TRAIN, "track_train": TRAIN, **overrides})
     root = ws["root"]
-    return run(params, motion_models=ws["models"], train_labels=ws["labels"], motion_gt=root / "motion_gt",
+    return run(params, motion_models=ws["models"],
+               train_labels={"clips": ws["labels"], "motion_gt": ws["gt_labels"]},
+               motion_gt=root / "motion_gt",
                artifacts=root / "artifacts" / "refine", run_dir=root / "runs", metrics=root / "refine.json",
                reports=root / "reports")
 
@@ -115,7 +112,8 @@ def test_refine_clips_writes_models_metrics_and_pictures(workspace, one_thread):
     tracker = load_tracker(out["artifacts"] / "clips" / "tracker.pt")
     assert tracker.config == TINY_TRACKER
     names = {p.name for p in out["reports"].iterdir()}
-    assert {"clips_flow.png", "clips_tracks.mp4", "clips_flow_history.csv", "clips_tracker_history.csv"} <= names
+    assert {"clips_flow.png", "clips_tracks.mp4", "clips_flow_history.csv",
+            "clips_tracker_history.csv"} <= names
 
 
 def test_photometric_baseline_runs_without_using_the_labels(workspace, one_thread):
@@ -124,7 +122,7 @@ def test_photometric_baseline_runs_without_using_the_labels(workspace, one_threa
     out = refine(workspace, targets=["clips"], method="photometric")
     metrics = json.loads(out["metrics"].read_text())
     assert metrics["method"] == "photometric"
-    assert set(metrics["clips"]) == {"before", "after", "labels", "seconds"}
+    assert set(metrics["clips"]) == {"before", "after", "labels"}
     history = (out["reports"] / "clips_flow_history.csv").read_text().splitlines()
     assert "photometric" in history[0] and "smoothness" in history[0]
 
@@ -158,10 +156,11 @@ def test_bad_inputs_and_params_fail_clearly(workspace, tmp_path):
     partial = validate_section({"refine": {"track_train": {"steps": 3}}}, "refine", Params)
     assert partial.track_train.steps == 3 and partial.track_train.base_lr == Params().track_train.base_lr
     partial = validate_section({"refine": {"track_augment": {"hflip_prob": 0.0}}}, "refine", Params)
-    assert partial.track_augment.hflip_prob == 0.0 and partial.track_augment.crop == Params().track_augment.crop
+    assert (partial.track_augment.hflip_prob == 0.0
+            and partial.track_augment.crop == Params().track_augment.crop)
 
 
-def test_refine_motion_gt_labels_its_frames_and_scores_against_ground_truth(workspace, one_thread):
+def test_refine_motion_gt_trains_on_its_labels_and_scores_against_ground_truth(workspace, one_thread):
     out = refine(workspace, targets=["motion_gt"])
     metrics = json.loads(out["metrics"].read_text())["motion_gt"]
     for phase in ("before", "after"):
@@ -169,28 +168,18 @@ def test_refine_motion_gt_labels_its_frames_and_scores_against_ground_truth(work
         assert metrics[phase]["flow"]["epe"] > 0 and 0 <= metrics[phase]["flow"]["acc_3px"] <= 1
         for mode in ("tracks_first", "tracks_strided"):
             assert {"delta_avg", "occlusion_accuracy", "average_jaccard"} <= set(metrics[phase][mode])
-    labels = zarr.open_group(str(workspace["root"] / "runs" / "motion_gt" / "labels" / "train_labels.zarr"))
-    assert Path(labels.attrs["clips"]) == workspace["root"] / "motion_gt" / "gt.zarr"
-    assert labels["flow/pairs"].shape[0] > 0 and labels["tracks/clip"].shape[0] > 0
+    assert metrics["labels"]["flow_pairs"] == 2 * (FRAMES - 1), "the motion_gt labels, not the clips'"
     names = {p.name for p in out["reports"].iterdir()}
     assert {"motion_gt_flow.png", "motion_gt_tracks.mp4", "motion_gt_flow_history.csv"} <= names
 
 
-def test_motion_gt_labels_come_from_frames_alone(workspace, one_thread):
-    """With the ground-truth arrays gone from the store, the labels are made all the same."""
-    gt = workspace["root"] / "motion_gt" / "gt.zarr"
-    group = zarr.open_group(str(gt), mode="r+")
-    for name in ("flow", "tracks", "visible"):
-        del group[name]
-    work = workspace["root"] / "work"
-    recipe = zarr.open_group(str(workspace["labels"]), mode="r")
-    models = workspace["models"]
-    out = gt_labels(recipe, gt, models / "flow.pt", models / "tracker.pt", work)
-    labels = zarr.open_group(str(out), mode="r")
-    assert labels["flow/pairs"].shape[0] > 0
-    stamp = out.stat().st_mtime_ns
-    assert gt_labels(recipe, gt, models / "flow.pt", models / "tracker.pt", work) == out
-    assert out.stat().st_mtime_ns == stamp  # nothing changed: reused, not redone
+def test_refine_reads_labels_and_never_makes_them(workspace, one_thread):
+    """Each target's labels come from the stores it is given (the densify stage's outputs): without
+    the motion_gt store refine fails naming it, and it writes no label store of its own."""
+    shutil.rmtree(workspace["gt_labels"])
+    with pytest.raises(FileNotFoundError, match="motion_gt_train_labels.zarr.*mam2 pseudo_labels"):
+        refine(workspace, targets=["motion_gt"])
+    assert not list(workspace["root"].rglob("labels.zarr"))
 
 
 def test_no_surviving_labels_leaves_the_models_as_they_were(workspace, one_thread):

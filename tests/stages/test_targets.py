@@ -17,8 +17,8 @@ import torch
 import zarr
 
 from models.vqgan import VQGAN, VQGANConfig, save_vqgan
-from pipeline.errors import StageError
-from pipeline.shards import Shard
+from pipeline.core.errors import StageError
+from pipeline.core.shards import Shard
 from stages.targets import Params, run
 from tests.models.test_vqgan import _reference_model
 from tests.stages.test_tokenizer import make_clips_store
@@ -129,7 +129,8 @@ def test_two_shards_then_the_final_run_equal_one_run(tmp_path, inputs):
 
 def _targets_cli(root: Path) -> list[str]:
     return [sys.executable, "-m", "stages.targets", "--set", f"paths.clips={root / 'clips.zarr'}",
-            "--set", f"paths.artifacts={root / 'artifacts'}", "--set", "targets.clips_per_batch=1",
+            "--set", f"paths.artifacts={root / 'artifacts'}",
+            "--set", f"paths.targets={root / 'targets.zarr'}", "--set", "targets.clips_per_batch=1",
             "--set", "targets.device=cpu"]
 
 
@@ -143,7 +144,7 @@ def test_killed_targets_resumes_to_the_same_store(tmp_path):
     # the reference runs in this process (one thread, like the CLI runs under OMP_NUM_THREADS=1)
     ref = run(Params(clips_per_batch=1, device="cpu"), clips=clips, tokenizer=tokenizer,
               targets=tmp_path / "ref" / "targets.zarr")["targets"]
-    env = {**os.environ, "MAM2_TRACKING": "0", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "MAM2_MLFLOW": "0", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(_targets_cli(tmp_path), env=env, cwd=tmp_path,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = tmp_path / ".targets.zarr.partial" / "_progress" / "done"

@@ -1,0 +1,207 @@
+"""Datasets over `clips.zarr` for action classification: seeded training clips and evaluation views.
+
+Only labelled clips (label >= 0) of the requested split are used, so unlabelled videos in the store
+(the demo's real sample videos) never reach a classifier. A clip is ``num_frames`` stored frames taken
+every ``frame_step`` frames:
+
+- training (`TrainClips`): a random temporal window, a random resized crop (area fraction ``scale``,
+  aspect ``ratio``) resized to ``crop_size``, an optional horizontal flip and optional RandAugment
+  (one op sequence for all frames of a clip). All randomness comes from the sample seed the shared
+  training loop hands to ``__getitem__((index, seed))``.
+- evaluation (`EvalViews`): VideoMAE's ``num_clips`` x ``num_crops`` testing. Each stored clip of a
+  video gives ``num_clips`` temporal windows spread evenly over it (the centre one for 1); its frames
+  are resized so the short side is ``short_side`` (VideoMAE: 256 for 224 crops, so objects appear at
+  about the scale the random resized crops of training show them; None keeps the stored scale), and
+  cut into ``num_crops`` spatial crops of ``crop_size`` spread along the width (left, centre, right
+  for 3). Items carry the clip's ``video`` id so scores can be averaged per video (a
+  video decoded into several stored clips gets all their views).
+
+Flip is off by default: on direction-defined classes (translate left/right, rotate cw/ccw, SSv2's
+"left to right") a mirrored clip belongs to another class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2.functional as TF
+from einops import rearrange
+from torch.utils.data import Dataset
+from torchvision.transforms import v2
+
+from pipeline.core.errors import StageError
+from pipeline.core.stores import SPLITS, open_clips
+from pipeline.core.tensors import clip_to_tensor
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """How a model clip is cut from a stored clip."""
+
+    num_frames: int
+    frame_step: int
+    crop_size: int
+
+    @property
+    def span(self) -> int:
+        """Stored frames one clip covers."""
+        return (self.num_frames - 1) * self.frame_step + 1
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a classifier needs to know about a clips store."""
+
+    path: Path
+    class_names: list[str]
+    num_frames: int
+    size: int
+
+
+def store_info(path: Path | str, spec: ClipSpec | None = None) -> StoreInfo:
+    """Read class names and the frame shape; check the clip spec fits the stored clips."""
+    group = open_clips(path)
+    names = list(group.attrs.get("class_names") or [])
+    if not names:
+        raise StageError(f"{path}: no class_names in the store's attrs; classification needs labelled videos")
+    _, t, h, w, _ = group["frames"].shape
+    info = StoreInfo(Path(path), names, int(t), int(min(h, w)))
+    if spec is not None and (spec.span > info.num_frames or spec.crop_size > info.size):
+        raise StageError(f"{path}: clips of {spec.num_frames} frames every {spec.frame_step} at "
+                         f"{spec.crop_size}px need {spec.span} stored frames of at least {spec.crop_size}px; "
+                         f"the store has {info.num_frames} frames of {h}x{w}")
+    return info
+
+
+def labelled_rows(path: Path | str, split: str) -> np.ndarray:
+    """Store rows of labelled clips in `split` ("train", "val" or "test")."""
+    group = open_clips(path)
+    code = SPLITS.index(split)
+    rows = np.flatnonzero((group["split"][:] == code) & (group["label"][:] >= 0))
+    if len(rows) == 0:
+        raise StageError(f"{path}: no labelled clips in split {split!r}")
+    return rows
+
+
+class _StoreClips(Dataset):
+    """Lazy access to the rows of a store (opened in each DataLoader worker, not pickled open)."""
+
+    def __init__(self, path: Path | str, split: str, spec: ClipSpec) -> None:
+        self.path, self.spec = Path(path), spec
+        self.info = store_info(path, spec)
+        self.rows = labelled_rows(path, split)
+        group = open_clips(path)
+        self.labels = group["label"][:][self.rows].astype(np.int64)
+        self.videos = group["video"][:][self.rows].astype(np.int64)
+        self._frames = None
+
+    def read(self, position: int, first_frame: int) -> torch.Tensor:
+        """Clip (C, T, H, W) float in [0, 1] of the `position`-th selected row from `first_frame`."""
+        if self._frames is None:
+            self._frames = open_clips(self.path)["frames"]
+        stop = first_frame + self.spec.span
+        frames = self._frames[int(self.rows[position]), first_frame:stop:self.spec.frame_step]
+        return clip_to_tensor(np.asarray(frames))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_frames": None}
+
+
+class TrainClips(_StoreClips):
+    """Augmented training clips; ``__getitem__((index, seed))`` -> {"clip", "label", "seed"}."""
+
+    def __init__(self, path: Path | str, split: str, spec: ClipSpec, *,
+                 scale: tuple[float, float] = (0.4, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = False,
+                 rand_augment: tuple[int, int] | None = None) -> None:
+        super().__init__(path, split, spec)
+        self.scale, self.ratio, self.flip = scale, ratio, flip
+        self.rand_augment = (v2.RandAugment(num_ops=rand_augment[0], magnitude=rand_augment[1])
+                             if rand_augment else None)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, torch.Tensor | int]:
+        index, seed = key
+        rng = np.random.default_rng(seed)
+        clip = self.read(index, int(rng.integers(0, self.info.num_frames - self.spec.span + 1)))
+        top, left, h, w = random_resized_box(clip.shape[-2:], self.scale, self.ratio, rng)
+        clip = TF.resized_crop(clip, top, left, h, w, [self.spec.crop_size] * 2, antialias=True)
+        if self.flip and rng.random() < 0.5:
+            clip = clip.flip(-1)
+        if self.rand_augment is not None:
+            clip = self._augment(clip, int(rng.integers(2**31)))
+        return {"clip": clip.contiguous(), "label": int(self.labels[index]), "seed": int(seed)}
+
+    def _augment(self, clip: torch.Tensor, seed: int) -> torch.Tensor:
+        """RandAugment with the same ops on every frame, drawn from the sample's seed."""
+        with torch.random.fork_rng(devices=[]):  # torchvision draws from the global RNG
+            torch.manual_seed(seed)
+            frames = self.rand_augment(rearrange(clip, "c t h w -> t c h w"))
+        return rearrange(frames, "t c h w -> c t h w").clamp(0, 1)
+
+
+def random_resized_box(size: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float],
+                       rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a box covering an area fraction in `scale` with aspect ratio
+    (w/h) in `ratio` (log-uniform); the whole frame when ten draws do not fit."""
+    height, width = int(size[0]), int(size[1])
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        area = height * width * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    return 0, 0, height, width
+
+
+class EvalViews(_StoreClips):
+    """Every (stored clip, temporal window, spatial crop) view of a split; ``__getitem__(i)`` -> {"clip",
+    "label", "video", "window", "crop"}. Views of one stored clip are consecutive, crops fastest."""
+
+    def __init__(self, path: Path | str, split: str, spec: ClipSpec, *, num_clips: int = 1,
+                 num_crops: int = 3, short_side: int | None = None) -> None:
+        super().__init__(path, split, spec)
+        if num_clips < 1 or num_crops < 1:
+            raise ValueError(f"num_clips and num_crops must be >= 1, got {num_clips} and {num_crops}")
+        if short_side is not None and short_side < spec.crop_size:
+            raise ValueError(f"short_side {short_side} is smaller than the crop size {spec.crop_size}")
+        self.num_clips, self.num_crops, self.short_side = num_clips, num_crops, short_side
+
+    def __len__(self) -> int:
+        return len(self.rows) * self.num_clips * self.num_crops
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        position, rest = divmod(int(index), self.num_clips * self.num_crops)
+        window, crop = divmod(rest, self.num_crops)
+        clip = self.read(position, window_start(self.info.num_frames, self.spec.span, window, self.num_clips))
+        if self.short_side is not None and min(clip.shape[-2:]) != self.short_side:
+            clip = TF.resize(clip, self.short_side, antialias=True)  # (C, T, H, W): the last two resize
+        top, left = crop_origin(clip.shape[-2:], self.spec.crop_size, crop, self.num_crops)
+        clip = clip[..., top:top + self.spec.crop_size, left:left + self.spec.crop_size]
+        return {"clip": clip.contiguous(), "label": int(self.labels[position]),
+                "video": int(self.videos[position]), "window": window, "crop": crop}
+
+
+def window_start(stored_frames: int, span: int, window: int, num_clips: int) -> int:
+    """First stored frame of temporal view `window` of `num_clips`: centred for 1, else evenly spread
+    from the first possible start to the last."""
+    slack = stored_frames - span
+    if num_clips == 1:
+        return slack // 2
+    return round(window * slack / (num_clips - 1))
+
+
+def crop_origin(size: tuple[int, int], crop_size: int, crop: int, num_crops: int) -> tuple[int, int]:
+    """Top-left of spatial view `crop` of `num_crops`: centred vertically, evenly spread along the width."""
+    height, width = int(size[0]), int(size[1])
+    top = (height - crop_size) // 2
+    if num_crops == 1:
+        return top, (width - crop_size) // 2
+    return top, round(crop * (width - crop_size) / (num_crops - 1))
