@@ -42,8 +42,7 @@ FRAMES, SIZE = 16, 224
 
 def stage_params(steps: int, batch: int, workers: int, compile_model: bool) -> pretrain.Params:
     return pretrain.Params(
-        model="base", depth=None, num_frames=FRAMES, input_size=SIZE, decoder_dim=384, decoder_depth=4,
-        decoder_heads=6, regressor_depth=4, sample_clips=2,
+        model="base", num_frames=FRAMES, input_size=SIZE, sample_clips=2,
         train={"steps": steps, "batch_size": batch, "base_lr": 1.5e-4, "warmup_steps": steps // 4,
                "workers": workers, "compile": compile_model, "checkpoint_every": steps,
                "log_every": 1, "system_metrics_every": None})
@@ -98,8 +97,7 @@ def main() -> None:
         stage_rate = rates[len(rates) // 2]
     torch.manual_seed(0)
     model = MAM2(build_encoder(**pretrain.encoder_config(params)), params.objective, codebook_size=codebook,
-                 code_downsample=16, decoder_dim=params.decoder_dim, decoder_depth=params.decoder_depth,
-                 decoder_heads=params.decoder_heads, regressor_depth=params.regressor_depth,
+                 code_downsample=16, **params.heads(),
                  layer_scale=params.layer_scale).to(device)
     runner = torch.compile(model) if args.compile else model
     bare_s = time_steps(make_step(runner, torch.bfloat16, device),

@@ -4,8 +4,8 @@ A step is what the training loop does: forward (loss), backward, AdamW update, o
 the real shapes (clip, codes, RGB differences, tube mask at 0.9). FLOPs of one forward + backward are
 counted with `torch.utils.flop_counter.FlopCounterMode`; MFU = counted FLOPs x steps/s / peak FLOP/s.
 
-- CPU: the CPU demo's model (`stages.pretrain.Params()` defaults: tiny encoder, 8 x 112^2) at the demo
-  batch, fp32. The peak is measured in the same run: the best FLOP/s of a large fp32 matmul.
+- CPU: the CPU demo's model (params.yaml's pretrain section: a 4-block tiny encoder, small heads) at
+  the demo batch, fp32. The peak is measured in the same run: the best FLOP/s of a large fp32 matmul.
 - CUDA (when present): ViT-B/16 MAM2 on 16 x 224^2 clips (paper sizes: decoders 384/4/6, regressor 4,
   1024 codes) in bf16 autocast (+ torch.compile unless --no-compile) at the largest batch that fits,
   against an eager fp32 reference of the same model (TF32 off) at the largest batch that fits it (at
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from bench.results_file import save_results  # noqa: E402
 
 os.environ.setdefault("MAM2_MLFLOW", "0")
@@ -35,6 +36,7 @@ os.environ.setdefault("MAM2_MLFLOW", "0")
 from models.mam2 import MAM2, build_mam2  # noqa: E402
 from models.masking import tube_mask  # noqa: E402
 from models.video_vit import build_encoder  # noqa: E402
+from pipeline.core.params import read_params_file, validate_section  # noqa: E402
 from stages.pretrain import Params, encoder_config  # noqa: E402
 
 # Dense bf16 tensor-core peaks (no sparsity), from the vendors' data sheets.
@@ -43,12 +45,16 @@ BF16_PEAK = {"H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H200": 989e12, "H100
 BATCHES = (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 
 
+def demo_params() -> Params:
+    """params.yaml's pretrain section: the CPU demo's sizes."""
+    return validate_section(read_params_file(REPO / "params.yaml"), "pretrain", Params)
+
+
 def demo_model(codebook: int = 512, f: int = 16) -> MAM2:
-    """The CPU demo's model, built from the stage's default params."""
-    p = Params()
+    """The CPU demo's model, as params.yaml's pretrain section sizes it."""
+    p = demo_params()
     return MAM2(build_encoder(**encoder_config(p)), p.objective, codebook_size=codebook, code_downsample=f,
-                decoder_dim=p.decoder_dim, decoder_depth=p.decoder_depth, decoder_heads=p.decoder_heads,
-                regressor_depth=p.regressor_depth, layer_scale=p.layer_scale)
+                **p.heads(), layer_scale=p.layer_scale)
 
 
 def synthetic_batch(model: MAM2, batch: int, frames: int, size: int, device: torch.device) -> tuple:
@@ -140,7 +146,7 @@ def measure(model: MAM2, batch: int, frames: int, size: int, dtype: torch.dtype 
 def cpu_figures(steps: int) -> dict:
     """The demo model on CPU at the demo batch, fp32, against a measured fp32 matmul peak."""
     torch.manual_seed(0)
-    p = Params()
+    p = demo_params()
     peak = matmul_flops(torch.device("cpu"), torch.float32, 2048)
     run = measure(demo_model(), p.train.batch_size, p.num_frames, p.input_size, None, torch.device("cpu"),
                   steps, peak)

@@ -26,16 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from models.video_vit import Grid, VideoViT, build_encoder, interpolate_pos_table
+from models.video_vit import INPUT_NORMS, Grid, VideoViT, build_encoder, interpolate_pos_table
 
 FORMAT = "mam2.classifier"
-# Per-channel RGB statistics of ImageNet, the input normalisation VideoMAE trains and fine-tunes with.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INPUT_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
-}
 
 
 class TablePosEmbed(nn.Module):

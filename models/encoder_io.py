@@ -1,7 +1,8 @@
 """Save and load a pre-trained video encoder in our own format: the config that builds it + weights.
 
 `artifacts/pretrain/encoder.pt` holds {"format": "mam2.encoder", "config": build_encoder kwargs,
-"state_dict": encoder weights}. Loading uses `torch.load(weights_only=True)`.
+"input_norm": the input normalisation it was trained with, "state_dict": encoder weights}. Loading uses
+`torch.load(weights_only=True)`; a file without "input_norm" (older ones) was trained on [0, 1] clips.
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ class EncoderCheckpointError(ValueError):
     """The file is not one of our encoder checkpoints, or its weights do not fit its config."""
 
 
-def save_encoder(encoder: VideoViT, config: dict[str, Any], path: Path | str) -> Path:
-    """Write the encoder and the `build_encoder` kwargs that rebuild it (atomically)."""
+def save_encoder(encoder: VideoViT, config: dict[str, Any], path: Path | str,
+                 input_norm: str = "none") -> Path:
+    """Write the encoder, the `build_encoder` kwargs that rebuild it and the input normalisation it was
+    trained with (a key of `INPUT_NORMS`), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    torch.save({"format": FORMAT, "config": dict(config), "state_dict": encoder.state_dict()}, tmp)
+    torch.save({"format": FORMAT, "config": dict(config), "input_norm": input_norm,
+                "state_dict": encoder.state_dict()}, tmp)
     os.replace(tmp, path)
     return path
 
@@ -51,3 +55,9 @@ def load_encoder(path: Path | str, **overrides: Any) -> tuple[VideoViT, dict[str
         raise EncoderCheckpointError(f"{path}: weights do not fit the config; missing {missing[:8]}, "
                                      f"unexpected {unexpected[:8]}")
     return encoder, config
+
+
+def encoder_input_norm(path: Path | str) -> str:
+    """The input normalisation the encoder saved at `path` was trained with ("none" for older files)."""
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    return str(state.get("input_norm", "none")) if isinstance(state, dict) else "none"

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from models.mam2_heads import Decoder, Regressor
 from models.pretrain_targets import code_target, codes_per_token, motion_target, pixel_target
-from models.video_vit import VideoViT, build_encoder, split_tokens, take_tokens
+from models.video_vit import INPUT_NORMS, VideoViT, build_encoder, split_tokens, take_tokens
 
 
 class Objective(NamedTuple):
@@ -59,6 +59,10 @@ class MAM2(nn.Module):
         appearance_weight, motion_weight: loss weights of the two targets.
         align_weight: weight of the alignment loss (MSE between regressor outputs and a no-grad encoder
             pass over the masked tubelets); 0 turns it and its extra encoder pass off; CAE uses 2.
+        motion_min_std: floor of the motion target's per-tubelet std, in the units of ``rgb_diff`` (a
+            fraction of full scale, as the training loop passes it): codec noise stays small.
+        input_norm: how the encoder's input is normalised (a key of ``INPUT_NORMS``; VideoMAE: imagenet).
+            The targets are made from the clip as given, in [0, 1].
     """
 
     def __init__(self, encoder: VideoViT, objective: str = "mam2", *, codebook_size: int = 1024,
@@ -66,7 +70,8 @@ class MAM2(nn.Module):
                  decoder_heads: int = 6, regressor_depth: int = 4, regressor_heads: int | None = None,
                  layer_scale: float = 0.1,
                  regressor_drop_path: float = 0.0, appearance_weight: float = 1.0, motion_weight: float = 1.0,
-                 align_weight: float = 0.0) -> None:
+                 align_weight: float = 0.0, motion_min_std: float = 2 / 255,
+                 input_norm: str = "imagenet") -> None:
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
@@ -75,6 +80,13 @@ class MAM2(nn.Module):
         self.codebook_size, self.code_downsample = codebook_size, code_downsample
         self.appearance_weight, self.motion_weight, self.align_weight = (appearance_weight, motion_weight,
                                                                          align_weight)
+        self.motion_min_std = motion_min_std
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"unknown input_norm {input_norm!r}; choose one of {sorted(INPUT_NORMS)}")
+        self.input_norm = input_norm
+        mean, std = INPUT_NORMS[input_norm]  # (C, 1, 1, 1) buffers broadcast over (B, C, T, H, W)
+        self.register_buffer("mean", torch.tensor(mean).view(-1, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(-1, 1, 1, 1), persistent=False)
         t, p, d = encoder.tubelet_size, encoder.patch_size, encoder.embed_dim
         voxels = t * p * p * encoder.in_chans  # values per tubelet
         self.regressor = Regressor(d, regressor_depth, regressor_heads or encoder.num_heads,
@@ -102,7 +114,8 @@ class MAM2(nn.Module):
         enc = self.encoder
         grid = enc.grid_for(clip)
         split = split_tokens(mask, grid[0] * grid[1] * grid[2])
-        latents = enc.encode(clip, split.visible)  # (B, V, D)
+        inputs = (clip - self.mean.to(clip.dtype)) / self.std.to(clip.dtype)  # targets use the clip as given
+        latents = enc.encode(inputs, split.visible)  # (B, V, D)
         losses: dict[str, tuple[Tensor, float]] = {}
         out: dict[str, Tensor] = {}
 
@@ -111,7 +124,7 @@ class MAM2(nn.Module):
             x = self.regressor(latents, pos[split.visible], pos[split.masked])  # (B, M, D)
             if self.align_weight > 0:
                 with torch.no_grad():
-                    aligned = enc.encode(clip, split.masked)  # (B, M, D): the masked tubelets, encoded
+                    aligned = enc.encode(inputs, split.masked)  # (B, M, D): the masked tubelets, encoded
                 losses["align"] = (F.mse_loss(x.float(), aligned.float()), self.align_weight)
         else:
             x = latents  # decoders append mask tokens themselves
@@ -126,7 +139,8 @@ class MAM2(nn.Module):
             out["appearance_acc"] = (out["pred_codes"] == codes).float().mean()
 
         if self.motion_decoder is not None:
-            target, valid = motion_target(self._rgb_diff(targets, clip), enc.tubelet_size, enc.patch_size)
+            target, valid = motion_target(self._rgb_diff(targets, clip), enc.tubelet_size, enc.patch_size,
+                                          min_std=self.motion_min_std)
             target, valid = take_tokens(target, split.masked), valid[split.masked]  # (B, M, P) each
             pred = self.motion_decoder(x, split, grid)
             err = (pred.float() - target) ** 2 * valid

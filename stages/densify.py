@@ -5,7 +5,7 @@ Cycle-consistent tracks are sparse and mostly easy (near-static background). Thi
 1. densifies: around the query point of every kept track, every pixel of a `window_size` x
    `window_size` window becomes a query (at most `max_queries_per_window` per track window, drawn
    at random); they are tracked forward and back and re-checked by the same cycle test with the
-   same tau as `pseudo_labels` (read from the labels' attrs);
+   same tau and tracker iterations as `pseudo_labels` (read from the labels' attrs);
 2. re-balances tracks: drops "too easy" tracks whose mean speed is <= `static_speed`, then caps
    every speed bin at the median count of the non-empty bins (random draw), so training sees fast
    motion as often as slow;
@@ -53,6 +53,7 @@ from pipeline.motion.label_store import (
     mark_done,
     open_label_store,
     read_tracks,
+    recorded_count,
     save_histogram_figure,
     speed_histogram,
     start_partial,
@@ -66,11 +67,10 @@ class Params(StageParams):
     source: LabelSource = Field("clips", description="whose pseudo-labels: the clips' (paths.labels -> "
                                 "paths.train_labels) or motion_gt's (paths.motion_gt_labels -> "
                                 "paths.motion_gt_train_labels)")
-    window_size: int = Field(5, ge=1, description="k: every pixel of a k x k window around each kept "
-                             "track's query point is re-tracked")
+    window_size: int = Field(24, ge=1, description="k: every pixel of a k x k window around each kept "
+                             "track's query point is re-tracked (the paper: 24-40 px)")
     max_queries_per_window: int = Field(256, ge=1, description="cap on dense queries per track window "
                                         "(a random subset beyond it)")
-    tracker_iters: int = Field(6, ge=1, description="tracker updates per window")
     static_speed: float = Field(1.0, ge=0, description="tracks with mean speed <= this (px/frame at "
                                 "reference_size) are dropped as too easy")
     balance: bool = Field(True, description="cap every speed bin at the median non-empty bin count")
@@ -125,7 +125,7 @@ def run_from_paths(params: Params, paths: Paths) -> dict[str, Path]:
 def densify_tracks(source, frames, model: PointTracker, store: Path, params: Params, signature: str):
     """Re-track dense query windows around every kept track, window by window, into `store` (P = 1)."""
     size, window = tuple(source.attrs["image_size"]), int(source.attrs["window"])
-    tau = float(source.attrs["tau"])
+    tau, iters = float(source.attrs["tau"]), recorded_count(source, "tracker_iters")
     clip, start, coords = read_tracks(source)
     groups = sorted({(int(c), int(s)) for c, s in zip(clip, start, strict=True)})
     dense, done = start_partial(store, signature, image_size=size, window=window, points=1,
@@ -136,8 +136,7 @@ def densify_tracks(source, frames, model: PointTracker, store: Path, params: Par
         rng = np.random.default_rng([params.seed, c, s])
         queries = dense_queries(anchors, params.window_size, size, params.max_queries_per_window, rng)
         video = image_to_tensor(frames[c, s:s + window])[None]  # (1, S, 3, H, W)
-        forward, backward = forward_backward_tracks(model, video, torch.from_numpy(queries)[None],
-                                                    params.tracker_iters)
+        forward, backward = forward_backward_tracks(model, video, torch.from_numpy(queries)[None], iters)
         keep = track_cycle_mask(forward, backward, tau, size)[0].numpy()
         kept = forward[0].numpy()[:, keep].transpose(1, 0, 2)  # (n, S, 2)
         append_tracks(dense, *group_tracks(np.full(len(kept), c), np.full(len(kept), s), kept, 1))
@@ -228,10 +227,10 @@ def _load_tracker(path: Path) -> PointTracker:
 
 def work_fingerprint(params: Params, labels: Path, tracker: Path) -> str:
     """Identifies the dense tracking: its params, the labels' tracks and the tracker's weights."""
-    relevant = params.model_dump(mode="json", include={"window_size", "max_queries_per_window",
-                                                       "tracker_iters", "seed"})
+    relevant = params.model_dump(mode="json", include={"window_size", "max_queries_per_window", "seed"})
     group = open_label_store(labels)
-    return fingerprint(relevant, group["tracks/coords"][:], group["tracks/start"][:], file_digest(tracker))
+    return fingerprint(relevant, group["tracks/coords"][:], group["tracks/start"][:], file_digest(tracker),
+                       recorded_count(group, "tracker_iters"))
 
 
 if __name__ == "__main__":

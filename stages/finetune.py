@@ -32,7 +32,7 @@ from timm.loss import SoftTargetCrossEntropy
 
 from models.classifier import VideoClassifier, classifier_config, layer_decay_param_groups, save_classifier
 from models.encoder_io import FORMAT as ENCODER_FORMAT
-from models.encoder_io import EncoderCheckpointError, load_encoder
+from models.encoder_io import EncoderCheckpointError, encoder_input_norm, load_encoder
 from models.video_vit import build_encoder
 from models.videomae_convert import VideoMAEConversionError, load_head, load_videomae_encoder
 from pipeline.classify.data import ClipSpec, EvalViews, TrainClips, store_info
@@ -78,7 +78,8 @@ class Params(StageParams):
                       "scratch, or a path to our encoder checkpoint or a VideoMAE checkpoint")
     model: Literal["tiny", "small", "base", "large"] = Field("tiny",
                                                              description="encoder size (init: scratch)")
-    depth: int | None = Field(4, ge=1, description="override the size's depth (init: scratch)")
+    depth: int | None = Field(None, ge=1, description="override the size's depth (init: scratch; null: "
+                              "the size's own)")
     embed_dim: int | None = Field(None, ge=8, description="override the size's width (init: scratch)")
     num_heads: int | None = Field(None, ge=1, description="override the size's heads (init: scratch)")
     patch_size: int = Field(16, ge=1, description="tubelet side in pixels (init: scratch)")
@@ -87,9 +88,9 @@ class Params(StageParams):
     frame_step: int = Field(1, ge=1, description="take every n-th stored frame (pretrain takes every one)")
     input_size: int = Field(112, ge=8, description="input crop side in pixels")
     input_norm: Literal["auto", "none", "imagenet"] = Field("auto", description="input normalisation; auto: "
-                                                            "none ([0, 1]) for our pre-trained encoders, as "
-                                                            "pretrain feeds them, imagenet for scratch and "
-                                                            "VideoMAE")
+                                                            "what our pre-trained encoder records "
+                                                            "(pretrain.input_norm, imagenet by default), "
+                                                            "imagenet for scratch and VideoMAE")
     drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate of the last block")
     head_dropout: float = Field(0.0, ge=0, lt=1, description="dropout before the head")
     head_init_scale: float = Field(0.001, gt=0, description="scale of the head's initial weights")
@@ -225,7 +226,8 @@ def build_model(params: Params, source: Path | None, num_classes: int
             report: dict[str, Any] = {"init": "scratch"}
         elif is_our_encoder(source):
             encoder, config = load_encoder(source, **size, drop_path_rate=drop_path)
-            model = VideoClassifier(encoder, num_classes, input_norm=input_norm(params, "none"), **head_kw)
+            norm = input_norm(params, encoder_input_norm(source))  # auto: what pretrain fed it
+            model = VideoClassifier(encoder, num_classes, input_norm=norm, **head_kw)
             report = {"init": str(source), "format": ENCODER_FORMAT, "keys": len(encoder.state_dict())}
         else:
             encoder, config, head, conversion = load_videomae_encoder(

@@ -31,7 +31,7 @@ from torch.utils.data import default_collate
 from models.encoder_io import save_encoder
 from models.mam2 import MAM2, OBJECTIVES
 from models.pretrain_targets import code_target, motion_target
-from models.video_vit import ENCODER_SIZES, build_encoder, split_tokens, unpatchify
+from models.video_vit import ENCODER_SIZES, HEAD_SIZES, build_encoder, split_tokens, unpatchify
 from pipeline.core import stage_cli
 from pipeline.core.atomic import atomic_dir, save_png, write_json
 from pipeline.core.fingerprint import fingerprint, input_stamp
@@ -61,7 +61,7 @@ StageTrainParams = stage_train_params(TRAIN_DEFAULTS)
 
 class Params(StageParams):
     model: Literal["tiny", "small", "base", "large"] = Field("tiny", description="encoder size (ViT-T/S/B/L)")
-    depth: int | None = Field(4, ge=1, description="override the size's depth (null: the size's own)")
+    depth: int | None = Field(None, ge=1, description="override the size's depth (null: the size's own)")
     embed_dim: int | None = Field(None, ge=8, description="override the size's width (null: the size's own)")
     num_heads: int | None = Field(None, ge=1, description="override the size's heads (null: the size's own)")
     num_frames: int = Field(8, ge=2, description="frames per input clip (a window of the stored clip)")
@@ -78,10 +78,19 @@ class Params(StageParams):
     appearance_weight: float = Field(1.0, ge=0, description="weight of the code cross-entropy")
     motion_weight: float = Field(1.0, ge=0, description="weight of the RGB-difference MSE")
     align_weight: float = Field(0.0, ge=0, description="regressor alignment loss weight (0: off)")
-    decoder_dim: int = Field(192, ge=8, description="width of each decoder")
-    decoder_depth: int = Field(2, ge=1, description="blocks per decoder")
-    decoder_heads: int = Field(3, ge=1, description="heads per decoder block")
-    regressor_depth: int = Field(2, ge=1, description="regressor blocks (MAM2 objectives)")
+    input_norm: Literal["imagenet", "none"] = Field("imagenet", description="encoder input normalisation "
+                                                    "(VideoMAE's: ImageNet mean/std); encoder.pt records it "
+                                                    "and finetune uses it")
+    motion_min_std: float = Field(2 / 255, ge=0, description="floor of the motion target's per-tubelet "
+                                  "std (fraction of full scale): still tubelets' codec noise is not "
+                                  "scaled up to unit variance")
+    decoder_dim: int | None = Field(None, ge=8, description="width of each decoder (null: the size's "
+                                    "own, ViT-B 384)")
+    decoder_depth: int | None = Field(None, ge=1, description="blocks per decoder (null: the size's own, 4)")
+    decoder_heads: int | None = Field(None, ge=1, description="heads per decoder block (null: the size's "
+                                      "own, ViT-B 6)")
+    regressor_depth: int | None = Field(None, ge=1, description="regressor blocks, MAM2 objectives (null: "
+                                        "the size's own, 4)")
     layer_scale: float = Field(0.1, gt=0, description="regressor layer-scale init")
     epochs: float | None = Field(None, gt=0, description="if set, train.steps = ceil(epochs x train "
                                  "clips / train.batch_size)")
@@ -94,10 +103,16 @@ class Params(StageParams):
         width, heads = self.embed_dim or size["embed_dim"], self.num_heads or size["num_heads"]
         if width % heads or width % 2:
             raise ValueError(f"embed_dim {width} must be even and divisible by num_heads {heads}")
-        if self.decoder_dim % self.decoder_heads:
-            raise ValueError(f"decoder_dim {self.decoder_dim} must divide by decoder_heads "
-                             f"{self.decoder_heads}")
+        heads = self.heads()
+        if heads["decoder_dim"] % heads["decoder_heads"]:
+            raise ValueError(f"decoder_dim {heads['decoder_dim']} must divide by decoder_heads "
+                             f"{heads['decoder_heads']}")
         return self
+
+    def heads(self) -> dict[str, int]:
+        """Decoder and regressor sizes: the model size's (HEAD_SIZES), with any set field instead."""
+        return {key: value if getattr(self, key) is None else getattr(self, key)
+                for key, value in HEAD_SIZES[self.model].items()}
 
 
 def run(params: Params, *, clips: Path, targets: Path, tokenizer: Path, artifacts: Path, run_dir: Path,
@@ -127,7 +142,7 @@ def run(params: Params, *, clips: Path, targets: Path, tokenizer: Path, artifact
         return outputs
     model = result.model.eval()
     with atomic_dir(artifacts) as tmp:
-        save_encoder(model.encoder, encoder_config(params), tmp / "encoder.pt")
+        save_encoder(model.encoder, encoder_config(params), tmp / "encoder.pt", input_norm=model.input_norm)
         torch.save(model_checkpoint(params, model), tmp / "model.pt")
     summary = summarise(history, train_params, len(dataset))
     write_json(metrics, summary)
@@ -186,10 +201,9 @@ def build_model(params: Params, dataset: PretrainDataset) -> MAM2:
     info = dataset.info
     return MAM2(build_encoder(**encoder_config(params)), params.objective,
                 codebook_size=info.codebook_size if info else 1, code_downsample=dataset.align,
-                decoder_dim=params.decoder_dim, decoder_depth=params.decoder_depth,
-                decoder_heads=params.decoder_heads, regressor_depth=params.regressor_depth,
-                layer_scale=params.layer_scale, appearance_weight=params.appearance_weight,
-                motion_weight=params.motion_weight, align_weight=params.align_weight)
+                **params.heads(), layer_scale=params.layer_scale, appearance_weight=params.appearance_weight,
+                motion_weight=params.motion_weight, align_weight=params.align_weight,
+                motion_min_std=params.motion_min_std, input_norm=params.input_norm)
 
 
 def model_inputs(batch: dict, motion: bool) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -267,7 +281,8 @@ def sample_images(model: MAM2, dataset: PretrainDataset, count: int,
     shade = tensor_to_clip(clip * (1 - 0.7 * unpatchify(voxels, grid, enc.tubelet_size, enc.patch_size, 1)))
     images = {}
     if "pred_motion" in out:
-        target, _ = motion_target(targets["rgb_diff"], enc.tubelet_size, enc.patch_size)
+        target, _ = motion_target(targets["rgb_diff"], enc.tubelet_size, enc.patch_size,
+                                  min_std=model.motion_min_std)
         videos = [tensor_to_clip((0.5 + unpatchify(t, grid, enc.tubelet_size,
                                                    enc.patch_size) / 6).clamp(0, 1))
                   for t in (target, _paste(target, masked, out["pred_motion"]))]  # +-3 std spans the greys

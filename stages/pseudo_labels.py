@@ -84,13 +84,17 @@ class Params(StageParams):
                                                       "(in the demo: the real sample videos)")
     max_clips: int | None = Field(None, ge=1, description="label at most N of the selected clips, "
                                   "evenly spaced over them (null: all)")
-    pairs_per_clip: int = Field(4, ge=1, description="flow pairs per clip, evenly spaced")
+    pairs_per_clip: int | None = Field(4, ge=1, description="flow pairs per clip, evenly spaced (null: "
+                                       "every pair, as the paper labels its test domain)")
     frame_step: int = Field(1, ge=1, description="flow from frame t0 to t0 + frame_step")
-    windows_per_clip: int = Field(2, ge=1, description="S-frame track windows per clip, evenly spaced")
+    windows_per_clip: int | None = Field(2, ge=1, description="S-frame track windows per clip, evenly "
+                                         "spaced (null: every window start)")
     grid_step: int = Field(8, ge=1, description="px between track queries (a grid on the first frame)")
     points_per_sample: int = Field(128, ge=1, description="tracks per stored sample (P)")
-    flow_updates: int = Field(12, ge=1, description="RAFT updates")
-    tracker_iters: int = Field(6, ge=1, description="tracker updates per window")
+    flow_updates: int = Field(8, ge=1, description="RAFT updates; recorded in the label store, and refine "
+                              "trains and scores with the same count")
+    tracker_iters: int = Field(6, ge=1, description="tracker updates per window; recorded in the label "
+                               "store, and densify and refine use the same count")
     alpha: float = Field(0.002, ge=0, description="flow cycle test: relative tolerance")
     beta: float = Field(0.1, ge=0, description="flow cycle test: absolute tolerance "
                         "(px at flow_reference_size)")
@@ -139,6 +143,7 @@ def run(params: Params, *, clips: Path, flow_model: Path, tracker: Path, labels:
     thresholds, tau = scaled_thresholds(params, size)
     attrs = {"clips": str(clips), "source": params.source, "tau": tau, **thresholds.as_dict(),
              "labelled_clips": chosen, "frame_step": params.frame_step,
+             "flow_updates": params.flow_updates, "tracker_iters": params.tracker_iters,
              "params": params.model_dump(mode="json")}
     work = work_dir(labels)
     _, resumed = plan_once(work, work_fingerprint(params, clips, frames.shape, flow_model, tracker),

@@ -67,11 +67,12 @@ from pipeline.motion.cycle import grid_queries
 from pipeline.motion.evaluate import (
     consecutive_pairs,
     evaluate_ground_truth,
+    label_quality,
     open_ground_truth,
     unlabelled_flow_metrics,
     zero_motion_flow_scores,
 )
-from pipeline.motion.label_store import open_label_store
+from pipeline.motion.label_store import check_recorded_count, open_label_store
 from pipeline.motion.pictures import save_comparison
 
 log = logging.getLogger(__name__)
@@ -104,8 +105,10 @@ class Params(StageParams):
                                         description="domains to refine on (each gets its own models)")
     refine_flow: bool = Field(True, description="fine-tune the flow model")
     refine_tracker: bool = Field(True, description="fine-tune the point tracker")
-    flow_updates: int = Field(8, ge=1, description="RAFT updates in training and evaluation")
-    track_iters: int = Field(4, ge=1, description="tracker updates in training and evaluation")
+    flow_updates: int = Field(8, ge=1, description="RAFT updates in training and evaluation (the count "
+                              "the labels were made with, checked)")
+    tracker_iters: int = Field(6, ge=1, description="tracker updates in training and evaluation (the "
+                               "count the labels were made with, checked)")
     flow_gamma: float = Field(0.85, gt=0, le=1, description="flow sequence-loss decay")
     track_gamma: float = Field(0.8, gt=0, le=1, description="track sequence-loss decay")
     smoothness_weight: float = Field(0.5, ge=0, description="photometric method: flow smoothness weight")
@@ -160,7 +163,7 @@ def refine_targets(params: Params, flow_ckpt: Path, tracker_ckpt: Path, train_la
     with atomic_dir(artifacts) as art, atomic_dir(reports) as rep:
         for target in params.targets:
             started = time.perf_counter()
-            labels = target_labels(target, train_labels)
+            labels = target_labels(target, train_labels, params)
             pre_flow, pre_tracker = load_models(flow_ckpt, tracker_ckpt)
             flow, tracker = copy.deepcopy(pre_flow), copy.deepcopy(pre_tracker)
             before = evaluate(target, params, pre_flow, pre_tracker, labels, motion_gt) if is_main else {}
@@ -175,8 +178,7 @@ def refine_targets(params: Params, flow_ckpt: Path, tracker_ckpt: Path, train_la
             after = evaluate(target, params, flow, tracker, labels, motion_gt)
             summary[target] = {"before": before, "after": after, "labels": label_summary(labels)}
             if target == "motion_gt":
-                summary[target]["zero_motion"] = {"flow": zero_motion_flow_scores(
-                    open_ground_truth(motion_gt), params.eval_pairs_per_clip)}
+                ground_truth_extras(summary[target], labels, motion_gt, params)
             log_comparison(target, before, after)
             (art / target).mkdir()
             save_flow_model(flow, flow_name(flow_ckpt), art / target / "flow.pt")
@@ -184,6 +186,16 @@ def refine_targets(params: Params, flow_ckpt: Path, tracker_ckpt: Path, train_la
             draw_pictures(target, params, (pre_flow, flow), (pre_tracker, tracker), labels, motion_gt, rep)
             current_run().log_metrics({f"time/{target}_seconds": time.perf_counter() - started})
     return summary
+
+
+def ground_truth_extras(scores: dict, labels: zarr.Group, motion_gt: Path, params: Params) -> None:
+    """Beside motion_gt's scores: zero motion's, and how good the labels were against the ground truth
+    (diagnostics, never used to train or to choose a model)."""
+    gt = open_ground_truth(motion_gt)
+    scores["zero_motion"] = {"flow": zero_motion_flow_scores(gt, params.eval_pairs_per_clip)}
+    quality = label_quality(labels, gt)
+    scores["labels"].update(quality)
+    current_run().log_metrics({f"val/motion_gt/{k}": v for k, v in quality.items() if np.isfinite(v)})
 
 
 def label_summary(labels: zarr.Group) -> dict:
@@ -205,9 +217,13 @@ class _Stopped(Exception):
     """Training ended early on `stop_after`; a rerun continues it."""
 
 
-def target_labels(target: str, train_labels: dict[str, Path]) -> zarr.Group:
-    """The pseudo-labels to refine on: the densify stage's store of the target's frames."""
-    return open_label_store(train_labels[target])
+def target_labels(target: str, train_labels: dict[str, Path], params: Params) -> zarr.Group:
+    """The pseudo-labels to refine on: the densify stage's store of the target's frames, made with
+    the RAFT update and tracker iteration counts this stage trains and scores with."""
+    labels = open_label_store(train_labels[target])
+    check_recorded_count(labels, "flow_updates", params.flow_updates, "refine.flow_updates")
+    check_recorded_count(labels, "tracker_iters", params.tracker_iters, "refine.tracker_iters")
+    return labels
 
 
 # ----------------------------------------------------------------------------------- inputs
@@ -248,7 +264,7 @@ def evaluate(target: str, params: Params, flow: torch.nn.Module, tracker: PointT
     """Before/after scores: against ground truth on motion_gt, label-free on the clips."""
     if target == "motion_gt":
         return evaluate_ground_truth(open_ground_truth(motion_gt), flow, tracker, params.flow_updates,
-                                     params.track_iters, params.eval_pairs_per_clip)
+                                     params.tracker_iters, params.eval_pairs_per_clip)
     img0, img1 = consecutive_pairs(frames_source(labels), labelled_clips(labels), params.eval_pairs)
     alpha = params.cycle_alpha if params.cycle_alpha is not None else float(labels.attrs.get("alpha", 0.002))
     beta = params.cycle_beta if params.cycle_beta is not None else float(labels.attrs.get("beta", 0.1))
@@ -307,9 +323,8 @@ def training_setup(kind: str, labels: zarr.Group, params: Params) -> tuple:
     if photometric:  # colour constancy is what the loss measures: jitter all frames alike
         augment = augment.model_copy(update={"per_frame_jitter_prob": 0.0})
     frames = frames_source(labels)
-    if kind == "flow" and photometric:  # needs no labels: every pair of the refined-on clips
-        step = int(labels.attrs.get("frame_step", 1))
-        dataset = FramePairs(labels, frames, augment, labelled_clips(labels), step)
+    if kind == "flow" and photometric:  # the pseudo-label method's pairs, their labels unused
+        dataset = FramePairs(labels, frames, augment)
         loss = functools.partial(photometric_flow_loss, smoothness=params.smoothness_weight,
                                  updates=params.flow_updates, gamma=params.flow_gamma)
         return dataset, loss, params.flow_train
@@ -319,7 +334,7 @@ def training_setup(kind: str, labels: zarr.Group, params: Params) -> tuple:
                 params.flow_train)
     loss = photometric_track_loss if photometric else track_label_loss
     return (LabelTrackSamples(labels, frames, augment),
-            functools.partial(loss, iters=params.track_iters, gamma=params.track_gamma), params.track_train)
+            functools.partial(loss, iters=params.tracker_iters, gamma=params.track_gamma), params.track_train)
 
 
 # ----------------------------------------------------------------------------------- pictures
@@ -337,7 +352,7 @@ def draw_pictures(target: str, params: Params, flows: tuple, trackers: tuple, la
         frames, reference = np.asarray(frames_source(labels)[int(labelled_clips(labels)[0])]), None
         tracks, visible = grid_queries(frames.shape[1:3], step=16).numpy(), None
     panel, _, video = save_comparison(frames, tracks, visible, reference, flows, trackers,
-                                      flow_updates=params.flow_updates, track_iters=params.track_iters,
+                                      flow_updates=params.flow_updates, tracker_iters=params.tracker_iters,
                                       stem=reports / target)
     current_run().log_image(panel, f"refine/{target}_flow.png")
     current_run().log_artifact(video, "refine")

@@ -42,8 +42,8 @@ TINY_MOTION = {
     "pseudo_labels": {"clip_filter": "all", "max_clips": None, "pairs_per_clip": 2,
                       "windows_per_clip": 1, "grid_step": 16, "flow_updates": 2, "tracker_iters": 2,
                       "alpha": 1.0, "beta": 50.0, "colour": 1.0, "tau": 1000.0, "scale_thresholds": False},
-    "densify": {"window_size": 2, "max_queries_per_window": 32, "tracker_iters": 2, "static_speed": 0.0},
-    "refine": {"targets": ["motion_gt"], "flow_updates": 2, "track_iters": 2, "eval_pairs": 2,
+    "densify": {"window_size": 2, "max_queries_per_window": 32, "static_speed": 0.0},
+    "refine": {"targets": ["motion_gt"], "flow_updates": 2, "tracker_iters": 2, "eval_pairs": 2,
                "eval_pairs_per_clip": 2, "flow_train": _MOTION_TRAIN, "track_train": _MOTION_TRAIN,
                "track_augment": {"crop": [48, 48]}},
 }

@@ -44,6 +44,11 @@ class SceneStyle:
     `background_rotation` deg/frame and zooms at up to `background_zoom`. `grain` is per-texel colour
     noise (gives flow models texture to match). `nuisance` is used by class clips only: the motion
     components the class does not decide get up to this fraction of their range's low end.
+
+    Camera effects, applied to the rendered frames (they change no motion): a Gaussian blur of
+    `blur` px (sigma, drawn per clip), a lighting gain that drifts linearly by up to `lighting` (a
+    fraction, random sign) from the first frame to the last, and per-pixel sensor noise of std
+    `noise` (a fraction of full scale), drawn anew in every frame.
     """
 
     num_objects: tuple[int, int] = (1, 4)
@@ -60,9 +65,12 @@ class SceneStyle:
     shapes: tuple[str, ...] = SHAPES
     grain: float = 0.02
     nuisance: float = 0.25
+    blur: tuple[float, float] = (0.0, 0.0)
+    lighting: float = 0.0
+    noise: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("num_objects", "object_size", "speed", "rotation", "zoom"):
+        for name in ("num_objects", "object_size", "speed", "rotation", "zoom", "blur"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi:
                 raise ValueError(f"SceneStyle.{name} must be (low, high), 0 <= low <= high, got {(lo, hi)}")
@@ -81,14 +89,18 @@ PRETRAIN_STYLE = SceneStyle(num_objects=(2, 6), object_size=(0.08, 0.3), speed=(
                             background_speed=4.0, background_rotation=1.0, background_zoom=0.01,
                             textures=("noise", "stripes", "checker"), palettes=("vivid",),
                             shapes=("rectangle", "polygon", "star"), grain=0.03)
-# Evaluation clips (data/motion_gt/): a deliberate domain gap from PRETRAIN_STYLE. Other texture
-# families (dots, rings) and muted/pastel colours, rounder shapes, slower and smoother motion, and more
-# and larger objects so occlusion is frequent.
-GT_STYLE = SceneStyle(num_objects=(3, 7), object_size=(0.15, 0.35), speed=(0.3, 3.0),
+# Evaluation clips (data/motion_gt/), the target domain refinement is judged on: a deliberate gap from
+# PRETRAIN_STYLE. Other texture families (dots, rings) and muted/pastel colours, rounder shapes, smooth
+# object motion of 1-10 px/frame over a near-static background (static regions: under 1 px/frame), more
+# and larger objects so occlusion is frequent, and camera effects the pre-training clips never have:
+# blur, a lighting drift and sensor noise. Fixed before any refinement experiment (issue 15); changing
+# it afterwards to improve a result is not allowed.
+GT_STYLE = SceneStyle(num_objects=(3, 7), object_size=(0.15, 0.35), speed=(1.0, 10.0),
                       rotation=(0.0, 1.5), zoom=(0.0, 0.015), acceleration=0.0,
-                      background_speed=1.5, background_rotation=0.3, background_zoom=0.005,
-                      textures=("dots", "rings", "noise"), palettes=("muted", "pastel"),
-                      shapes=("ellipse", "polygon"), grain=0.01)
+                      background_speed=0.5, background_rotation=0.0, background_zoom=0.0,
+                      textures=("dots", "rings"), palettes=("muted", "pastel"),
+                      shapes=("ellipse", "polygon"), grain=0.01, blur=(0.5, 1.2), lighting=0.1,
+                      noise=0.002)
 # Action-recognition clips: every appearance family, 1-2 foreground objects; the ranges here are the
 # magnitudes of the class motion (see render_class_clip).
 CLASS_STYLE = SceneStyle(num_objects=(1, 2), object_size=(0.15, 0.3), speed=(1.0, 3.0),
@@ -451,7 +463,26 @@ def _motion_clip(size: tuple[int, int], num_frames: int, num_points: int, rng: n
     frames, flow, ids = _render(layers, size)
     layer_of, canon = _sample_points(layers, ids, num_points, rng, size)
     tracks, visible = _track(layers, layer_of, canon, size)
+    if style.blur[1] > 0 or style.lighting > 0 or style.noise > 0:  # drawn last: the scene stays the same
+        frames = camera_effects(frames, np.random.default_rng(rng.integers(2**62)), style)
     return MotionClip(frames, flow, tracks, visible), ids, layer_of
+
+
+def camera_effects(frames: np.ndarray, rng: np.random.Generator, style: SceneStyle) -> np.ndarray:
+    """Blur, lighting drift and sensor noise (see SceneStyle) on frames (T, H, W, 3) uint8."""
+    out = frames.astype(np.float32) / 255
+    sigma = rng.uniform(*style.blur)
+    if sigma > 0:
+        radius = max(1, int(np.ceil(3 * sigma)))
+        kernel = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+        kernel /= kernel.sum()
+        for axis in (1, 2):  # separable: rows, then columns, edges replicated
+            padded = np.pad(out, [(radius, radius) if a == axis else (0, 0) for a in range(4)], mode="edge")
+            out = sum(k * np.take(padded, np.arange(i, i + out.shape[axis]), axis=axis)
+                      for i, k in enumerate(kernel))
+    gain = 1 + rng.choice([-1, 1]) * style.lighting * np.linspace(0, 1, len(out))
+    out = out * gain[:, None, None, None] + rng.normal(0, style.noise, out.shape) * (style.noise > 0)
+    return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
 def render_motion_clip(*, size: tuple[int, int], num_frames: int, num_points: int,

@@ -202,15 +202,9 @@ class LabelFlowPairs(_LabelSamples):
 
 
 class FramePairs(LabelFlowPairs):
-    """Every pair (t, t + step) of the given clips, without labels (flow 0, nothing valid): what the
-    self-supervised photometric baseline trains on, since it needs no labels."""
-
-    def __init__(self, labels: zarr.Group, frames: zarr.Array, augment: AugmentParams | None,
-                 clips: np.ndarray, step: int = 1) -> None:
-        _LabelSamples.__init__(self, labels, frames, augment)
-        length = frames.shape[1]
-        self.pairs = np.array([(c, t, t + step) for c in clips for t in range(length - step)],
-                              np.int64).reshape(-1, 3)
+    """The labelled pairs' frames without their labels (flow 0, nothing valid): what the
+    self-supervised photometric baseline trains on, so that it sees the same pairs as the
+    pseudo-label method and only the loss differs."""
 
     def label(self, index: int, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         return torch.zeros(2, *size), torch.zeros(size, dtype=torch.bool)

@@ -77,6 +77,45 @@ def cycle_consistent_fraction(fwd: Tensor, bwd: Tensor, alpha: float, beta: floa
     return consistent.sum((1, 2)).float() / inside.sum((1, 2)).clamp(min=1)
 
 
+MOVING_PX = 1.0  # ground-truth motion at or above this many px counts as moving
+
+
+def flow_diagnostics(pred: Tensor, target: Tensor) -> dict[str, float]:
+    """What a change in EPE is made of (diagnostics, never used for training or model choice): the EPE
+    on moving (|gt| >= 1 px) and static pixels, and the mean |flow| predicted and true. A model that
+    improves only by predicting less motion shows a lower static EPE and a shrinking mean |flow|."""
+    epe = torch.linalg.vector_norm(pred.float() - target.float(), dim=-3)
+    speed = torch.linalg.vector_norm(target.float(), dim=-3)
+    moving = speed >= MOVING_PX
+    nan = torch.tensor(float("nan"))
+    return {"epe_moving": float(epe[moving].mean() if moving.any() else nan),
+            "epe_static": float(epe[~moving].mean() if (~moving).any() else nan),
+            "moving_fraction": float(moving.float().mean()),
+            "mean_flow_px": float(torch.linalg.vector_norm(pred.float(), dim=-3).mean()),
+            "mean_gt_flow_px": float(speed.mean())}
+
+
+def label_quality(labels: zarr.Group, gt: zarr.Group) -> dict[str, float]:
+    """How good the flow pseudo-labels of a ground-truth store's frames are (diagnostics, never used
+    for training): the EPE against ground truth of the kept label pixels and of every pixel of the
+    labelled pairs (what the filter had to choose from), and the kept fraction. A filter that cleans
+    keeps pixels whose EPE is far below the unfiltered one."""
+    kept_err, all_err, kept, total = 0.0, 0.0, 0, 0
+    pairs = np.asarray(labels["flow/pairs"][:])
+    for index, (clip, t0, t1) in enumerate(pairs):
+        if t1 != t0 + 1:  # the ground truth holds consecutive pairs only
+            continue
+        flow = np.asarray(labels["flow/flow"][index], np.float32)  # (2, H, W)
+        valid = np.asarray(labels["flow/valid"][index], bool)
+        err = np.linalg.norm(flow.transpose(1, 2, 0) - np.asarray(gt["flow"][clip, t0]), axis=-1)
+        kept_err, all_err = kept_err + float(err[valid].sum()), all_err + float(err.sum())
+        kept, total = kept + int(valid.sum()), total + err.size
+    nan = float("nan")
+    return {"label_epe_kept": kept_err / kept if kept else nan,
+            "label_epe_all": all_err / total if total else nan,
+            "label_kept_fraction": kept / total if total else nan}
+
+
 # ------------------------------------------------------------------------------- TAP-Vid metrics
 
 
@@ -182,7 +221,7 @@ def evaluate_flow_clip(model: torch.nn.Module, frames: np.ndarray, gt_flow: np.n
     images = image_to_tensor(np.asarray(frames))  # (T, 3, H, W)
     pred = predict_flow(model, images[t0], images[t0 + 1], num_updates, batch_size)
     target = torch.from_numpy(np.ascontiguousarray(np.asarray(gt_flow)[t0])).permute(0, 3, 1, 2)
-    return flow_metrics(pred, target), pred
+    return {**flow_metrics(pred, target), **flow_diagnostics(pred, target)}, pred
 
 
 def evaluate_tracker_clip(model: PointTracker, frames: np.ndarray, tracks: np.ndarray,
@@ -231,7 +270,7 @@ def unlabelled_flow_metrics(model: torch.nn.Module, img0: Tensor, img1: Tensor, 
 
 
 def evaluate_ground_truth(gt, flow_model: torch.nn.Module | None, tracker: PointTracker | None,
-                          flow_updates: int, track_iters: int, pairs_per_clip: int | None = None
+                          flow_updates: int, tracker_iters: int, pairs_per_clip: int | None = None
                           ) -> dict[str, dict[str, float]]:
     """Score the models on every clip of a ground-truth store (gt.zarr: frames, flow, tracks, visible).
 
@@ -251,7 +290,7 @@ def evaluate_ground_truth(gt, flow_model: torch.nn.Module | None, tracker: Point
             tracks, visible = np.asarray(gt["tracks"][i]), np.asarray(gt["visible"][i])
             for mode in QUERY_MODES:
                 track_rows[mode].append(evaluate_tracker_clip(tracker, frames, tracks, visible, mode,
-                                                              track_iters)[0])
+                                                              tracker_iters)[0])
     out = {"flow": mean_over_videos(flow_rows)} if flow_model is not None else {}
     if tracker is not None:
         out.update({f"tracks_{mode}": mean_over_videos(rows) for mode, rows in track_rows.items()})

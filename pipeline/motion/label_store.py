@@ -67,6 +67,24 @@ def open_label_store(path: Path | str, mode: str = "r") -> zarr.Group:
     return group
 
 
+def recorded_count(group: zarr.Group, key: str) -> int:
+    """The RAFT update or tracker iteration count (`flow_updates`, `tracker_iters`) the labels were
+    made with: the one count that labels, refines and scores (the paper's protocol)."""
+    if key not in group.attrs:
+        raise StageError(f"{group.store}: no `{key}` in its attrs (made by an older pseudo_labels); "
+                         f"rerun `mam2 pseudo_labels` and `mam2 densify`")
+    return int(group.attrs[key])
+
+
+def check_recorded_count(group: zarr.Group, key: str, value: int, param: str) -> None:
+    """Fail naming both params when `param` (for example refine.flow_updates) is not the count the
+    labels in `group` were made with."""
+    made = recorded_count(group, key)
+    if made != value:
+        raise StageError(f"{param} is {value}, but {group.store} was labelled with {key} {made} "
+                         f"(pseudo_labels.{key}): one count labels, refines and scores; set them equal")
+
+
 def counts(group: zarr.Group) -> tuple[int, int]:
     """(flow pairs, track samples) in the store."""
     return group["flow/pairs"].shape[0], group["tracks/clip"].shape[0]

@@ -98,7 +98,7 @@ def track_overlays(frames: np.ndarray, tracks: np.ndarray, visible: np.ndarray |
 
 def save_comparison(frames: np.ndarray, tracks: np.ndarray, visible: np.ndarray | None,
                     reference_flow: np.ndarray | None, flows: tuple, trackers: tuple, *, flow_updates: int,
-                    track_iters: int, stem: Path) -> tuple[np.ndarray, Path, Path]:
+                    tracker_iters: int, stem: Path) -> tuple[np.ndarray, Path, Path]:
     """Write `<stem>_flow.png` and `<stem>_tracks.mp4` for one clip (T, H, W, 3) uint8.
 
     The flow image is taken at the middle pair t: frame t | reference_flow[t] (reference_flow is the
@@ -115,6 +115,6 @@ def save_comparison(frames: np.ndarray, tracks: np.ndarray, visible: np.ndarray 
     panel = np.concatenate([frames[t], *(flow_to_color(f, top) for f in fields)], axis=1)
     png, mp4 = stem.with_name(stem.name + "_flow.png"), stem.with_name(stem.name + "_tracks.mp4")
     save_png(panel, png)
-    video = np.concatenate(track_overlays(frames, tracks, visible, trackers, track_iters), axis=2)
+    video = np.concatenate(track_overlays(frames, tracks, visible, trackers, tracker_iters), axis=2)
     write_mp4(mp4, video, fps=8.0)
     return panel, png, mp4

@@ -215,9 +215,9 @@ def render_table(rows: list[dict], pre: pretrain.Params, fine: finetune.Params, 
               f"{fine.num_frames} frames at {fine.input_size}px, {length}, batch {fine.train.batch_size}. "
               f"Top-1 is per video, averaged over every stored clip x {fine.eval_clips} temporal windows x "
               f"{fine.eval_crops} crops of the {fine.eval_split} split.",
-              "Input normalisation: " + ("ImageNet mean/std from scratch, [0, 1] for the pre-trained "
-                                         "encoders (what pretrain fed them)." if fine.input_norm == "auto"
-                                         else f"{fine.input_norm} for every row."),
+              "Input normalisation: " + (
+                  f"{pre.input_norm} (pretrain.input_norm) for the pre-trained encoders; ImageNet mean/std "
+                  "from scratch." if fine.input_norm == "auto" else f"{fine.input_norm} for every row."),
               f"Runs: {settings.root}/<variant>/ (metrics, reports, artifacts).", ""]
     return "\n".join(lines)
 

@@ -65,6 +65,21 @@ def test_motion_target_pads_last_frame_and_excludes_it():
         motion_target(torch.zeros(1, 3, 4, 2, 2), 2, 2)
 
 
+def test_motion_target_std_floor_keeps_codec_noise_small():
+    """A still tubelet's differences are codec noise (std well under 2/255): the floor keeps them
+    small instead of scaling them to unit variance; real motion is normalised as before."""
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(1, 3, 1, 4, 4, generator=g, dtype=torch.float64) * (0.5 / 255)
+    motion = torch.randn(1, 3, 1, 4, 4, generator=g, dtype=torch.float64) * 0.2
+    diff = torch.cat([noise, motion], dim=3)  # (1, 3, T-1=1, H=8, W=4): tubelets at rows 0-3 and 4-7
+    plain, valid = motion_target(diff, 2, 4)
+    floored, _ = motion_target(diff, 2, 4, min_std=2 / 255)
+    std = lambda x: x[0][:, valid[0]].std(dim=-1)  # noqa: E731 (per tubelet, over its valid voxels)
+    assert valid[0].sum() == 3 * 16, "one difference of two frames per tubelet; the pad is left out"
+    assert std(plain)[0] > 0.8 and std(floored)[0] < 0.35, "noise is no longer amplified to unit variance"
+    torch.testing.assert_close(floored[0, 1], plain[0, 1])  # the moving tubelet is unchanged
+
+
 def test_code_target_picks_the_codes_under_each_tubelet():
     t, y, x = torch.meshgrid(torch.arange(4), torch.arange(4), torch.arange(4), indexing="ij")
     codes = (t * 100 + y * 10 + x)[None]  # (1, T=4, 4, 4): a 16 px clip, f = 4, patch 8 -> 2x2 codes/frame
@@ -177,3 +192,26 @@ def test_mam2_overfits_one_batch(one_thread):
 def test_videomae_overfits_one_batch(one_thread):
     first, last = overfit("videomae")
     assert last["loss_pixel"] <= 0.1 * first["loss_pixel"], (first, last)
+
+
+def test_the_encoder_sees_normalised_inputs_and_the_targets_the_clip():
+    """input_norm="imagenet" (the default, as VideoMAE): the encoder gets (clip - mean) / std; the
+    targets are made from the clip as given, so a model fed [0, 1] clips with "none" and one fed
+    pre-normalised clips agree."""
+    from models.video_vit import IMAGENET_MEAN, IMAGENET_STD, build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder("tiny", img_size=16, num_frames=4, patch_size=8, depth=1, embed_dim=32,
+                            num_heads=2)
+    norm = MAM2(encoder, "videomae", decoder_dim=16, decoder_depth=1, decoder_heads=2)
+    plain = MAM2(encoder, "videomae", decoder_dim=16, decoder_depth=1, decoder_heads=2, input_norm="none")
+    plain.load_state_dict(norm.state_dict())
+    clip = torch.rand(2, 3, 4, 16, 16)
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[:, :4] = True
+    mean, std = torch.tensor(IMAGENET_MEAN).view(-1, 1, 1, 1), torch.tensor(IMAGENET_STD).view(-1, 1, 1, 1)
+    expected = plain((clip - mean) / std, mask, {"pixels": clip})
+    got = norm(clip, mask)
+    torch.testing.assert_close(got["loss"], expected["loss"])
+    with pytest.raises(ValueError, match="input_norm"):
+        MAM2(encoder, "videomae", input_norm="zscore")

@@ -47,16 +47,17 @@ def test_motion_gt_is_consistent(tmp_path):
     assert gt["flow"].shape == (2, 5, 64, 64, 2) and gt["tracks"].shape == (2, 6, 8, 2)
     flow, tracks, visible = gt["flow"][0], gt["tracks"][0], gt["visible"][0]
     assert np.isfinite(flow).all() and np.abs(flow).max() > 0.1
-    # a point visible in frames t and t+1 moves by the flow at its position (nearest pixel)
-    checked = 0
+    # a point visible in frames t and t+1 moves by the flow at its position (nearest pixel; at an
+    # object's edge the nearest pixel may lie on the other layer, whose flow differs: the exact,
+    # layer-aware check is tests/pipeline/data/test_synthetic.py's)
+    agree = []
     for t in range(5):
         for p in range(8):
             x, y = tracks[t, p]
             xi, yi = int(round(x)), int(round(y))
             if visible[t, p] and visible[t + 1, p] and 1 <= xi < 63 and 1 <= yi < 63:
-                assert np.abs(tracks[t + 1, p] - tracks[t, p] - flow[t, yi, xi]).max() < 1.0
-                checked += 1
-    assert checked > 0
+                agree.append(np.abs(tracks[t + 1, p] - tracks[t, p] - flow[t, yi, xi]).max() < 1.0)
+    assert len(agree) > 10 and np.mean(agree) > 0.8, agree
     assert len(list((tmp_path / "gt" / "videos").glob("*.mp4"))) == 2
 
 

@@ -69,7 +69,7 @@ def test_static_and_empty_flow_pairs_are_dropped(tmp_path):
 def test_densify_end_to_end(tmp_path):
     inputs = make_label_inputs(tmp_path)
     labels = label(tmp_path, inputs)["labels"]
-    out = run(Params(window_size=3, max_queries_per_window=200, tracker_iters=2), labels=labels,
+    out = run(Params(window_size=3, max_queries_per_window=200), labels=labels,
               tracker=inputs["tracker"], train_labels=tmp_path / "train_labels.zarr", work=tmp_path / "work",
               reports=tmp_path / "reports", metrics=tmp_path / "densify.json")
     group = open_label_store(out["train_labels"])
@@ -77,6 +77,7 @@ def test_densify_end_to_end(tmp_path):
     assert group["tracks/coords"].shape[1:] == source["tracks/coords"].shape[1:]
     assert group["flow/flow"].shape[1:] == source["flow/flow"].shape[1:]
     assert group.attrs["clips"] == source.attrs["clips"] and group.attrs["tau"] == source.attrs["tau"]
+    assert group.attrs["tracker_iters"] == 2 == source.attrs["tracker_iters"], "pseudo_labels' count, kept"
     stats = json.loads((tmp_path / "reports" / "stats.json").read_text())
     # 4 x 4 grid queries per window, each grown to a 3 x 3 window: 9 times as many tracks to check
     assert stats["tracks_before"] == 2 * 2 * 16 and stats["tracks_dense"] == 9 * stats["tracks_before"]

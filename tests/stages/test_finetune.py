@@ -121,6 +121,21 @@ def test_our_checkpoint_at_another_clip_size(tmp_path, small_store):
     assert torch.allclose(model.encoder.patch_embed.weight, weights, atol=0.05)  # ... not replaced
 
 
+def test_auto_input_norm_is_what_the_encoder_was_pre_trained_with(tmp_path, small_store):
+    """pretrain records its input normalisation in encoder.pt (ImageNet mean/std by default, as
+    VideoMAE); fine-tuning uses the same; an older encoder.pt without the record was fed [0, 1] clips."""
+    for recorded, expected in (("imagenet", "imagenet"), (None, "none")):
+        ckpt = tiny_encoder_checkpoint(tmp_path / f"{recorded}.pt", img_size=16, num_frames=4)
+        state = torch.load(ckpt, weights_only=True)
+        if recorded is None:
+            del state["input_norm"]
+        else:
+            state["input_norm"] = recorded
+        torch.save(state, ckpt)
+        out = finetune(tmp_path / str(recorded), small_store, params(init=str(ckpt), train={"steps": 1}))
+        assert load_classifier(out["artifacts"] / "classifier.pt")[1]["input_norm"] == expected
+
+
 def test_videomae_checkpoint_initialises_the_encoder(tmp_path, small_store):
     path = tmp_path / "videomae.pth"
     torch.save({"model": videomae_state(source_encoder())}, path)

@@ -123,13 +123,13 @@ def test_the_whole_branch_runs_on_tiny_data(tmp_path, pretrained):
                           clips=frames_store, flow_model=models["flow"], tracker=models["tracker"],
                           labels=tmp_path / f"{source}_labels.zarr", reports=tmp_path / f"r1{source}",
                           metrics=tmp_path / f"m1{source}.json")
-        densify.run(densify.Params(source=source, window_size=2, max_queries_per_window=32, tracker_iters=2,
+        densify.run(densify.Params(source=source, window_size=2, max_queries_per_window=32,
                                    static_speed=0.0),
                     labels=tmp_path / f"{source}_labels.zarr", tracker=models["tracker"],
                     train_labels=tmp_path / f"{source}_train.zarr", work=tmp_path / f"w{source}",
                     reports=tmp_path / f"r2{source}", metrics=tmp_path / f"m2{source}.json")
     train = {"steps": 1, "batch_size": 1, "warmup_steps": 0}
-    out = refine.run(refine.Params(flow_updates=2, track_iters=2, eval_pairs=2, eval_pairs_per_clip=2,
+    out = refine.run(refine.Params(flow_updates=2, tracker_iters=2, eval_pairs=2, eval_pairs_per_clip=2,
                                    flow_train=train, track_train=train, track_augment={"crop": [48, 48]}),
                      motion_models=root / "artifacts",
                      train_labels={source: tmp_path / f"{source}_train.zarr" for source in sources},

@@ -199,3 +199,23 @@ def test_two_process_torchrun_matches_one_process(tmp_path, one_thread):  # ~10 
             a, b = torch.cat([a[:width], a[2 * width:]]), torch.cat([b[:width], b[2 * width:]])
         assert torch.allclose(a, b, atol=1e-6), key
     assert json.loads((tmp_path / "two" / "metrics" / "pretrain.json").read_text())["steps"] == 4
+
+
+def test_a_named_size_sets_every_dimension_at_paper_scale():
+    """`model: base` is ViT-B with the paper's heads (12 blocks, decoders 384/4/6, regressor 4); the
+    demo's smaller model is written in params.yaml, not in a default."""
+    from models.video_vit import build_encoder
+    from pipeline.core.params import read_params_file
+    from stages.pretrain import encoder_config
+
+    params = Params(model="base")
+    assert params.heads() == {"decoder_dim": 384, "decoder_depth": 4, "decoder_heads": 6,
+                              "regressor_depth": 4}
+    with torch.device("meta"):  # shapes only: no memory for ViT-B's weights
+        encoder = build_encoder(**encoder_config(params))
+    assert len(encoder.blocks) == 12 and encoder.embed_dim == 768 and encoder.num_heads == 12
+    assert 86e6 < sum(p.numel() for p in encoder.parameters()) < 88e6  # ViT-B with a 2x16x16 tubelet embed
+    assert Params(model="base", decoder_depth=2).heads()["decoder_depth"] == 2, "a set field wins"
+    demo = validate_section(read_params_file(Path(__file__).resolve().parents[2] / "params.yaml"),
+                            "pretrain", Params)
+    assert demo.depth == 4 and demo.heads()["regressor_depth"] == 2, "the demo's shrinkage, in params.yaml"

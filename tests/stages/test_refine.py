@@ -24,8 +24,9 @@ from stages.refine import Params, run
 SIZE, FRAMES, WINDOW, POINTS = 64, 6, 4, 8
 TRAIN = {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "log_every": 1}
 TINY_TRACKER = TrackerConfig(window=WINDOW, feat_dim=16, hidden_dim=32, levels=2, blocks=1)
-# The thresholds pseudo_labels records in the labels' attrs (the clips target's cycle check reads them).
-RECIPE = {"alpha": 0.002, "beta": 0.02, "tau": 1000.0}
+# What pseudo_labels records in the labels' attrs: the thresholds (the clips target's cycle check reads
+# them) and the update counts refine must train and score with.
+RECIPE = {"alpha": 0.002, "beta": 0.02, "tau": 1000.0, "flow_updates": 2, "tracker_iters": 2}
 
 
 def write_array(group: zarr.Group, name: str, values: np.ndarray) -> None:
@@ -87,7 +88,7 @@ def workspace(tmp_path: Path) -> dict[str, Path]:
 
 
 def refine(ws: dict[str, Path], **overrides) -> dict[str, Path]:
-    params = Params.model_validate({"flow_updates": 2, "track_iters": 2, "eval_pairs": 3,
+    params = Params.model_validate({"flow_updates": 2, "tracker_iters": 2, "eval_pairs": 3,
                                     "track_augment": {"crop": [48, 48]},
                                     "flow_train": TRAIN, "track_train": TRAIN, **overrides})
     root = ws["root"]
@@ -127,12 +128,27 @@ def test_photometric_baseline_runs_without_using_the_labels(workspace, one_threa
     assert "photometric" in history[0] and "smoothness" in history[0]
 
 
-def test_photometric_flow_trains_on_every_frame_pair_even_without_labels(workspace, one_thread):
+def test_photometric_flow_trains_on_the_pseudo_label_pairs(workspace):
+    """The baseline sees the same pairs as the pseudo-label method (their labels unused), so only the
+    loss differs; with no labelled pairs neither method trains."""
+    from pipeline.motion.augment import FramePairs, LabelFlowPairs
+
+    labels = zarr.open_group(str(workspace["labels"]), mode="r")
+    frames = zarr.open_group(str(workspace["root"] / "data" / "clips.zarr"), mode="r")["frames"]
+    assert np.array_equal(FramePairs(labels, frames, None).pairs, LabelFlowPairs(labels, frames, None).pairs)
+    assert not FramePairs(labels, frames, None)[0, 0]["valid"].any()  # items are (index, seed)
     create_label_store(workspace["labels"], image_size=(SIZE, SIZE), window=WINDOW, points=POINTS,
                        attrs={"clips": str(workspace["root"] / "data" / "clips.zarr"), **RECIPE})
     out = refine(workspace, targets=["clips"], method="photometric", refine_tracker=False)
-    assert (out["reports"] / "clips_flow_history.csv").exists(), "the flow model was trained"
+    assert not (out["reports"] / "clips_flow_history.csv").exists(), "no pairs: nothing to train on"
     assert json.loads(out["metrics"].read_text())["clips"]["labels"]["flow_pairs"] == 0
+
+
+def test_refine_uses_the_update_counts_the_labels_were_made_with(workspace):
+    with pytest.raises(StageError, match=r"refine.flow_updates is 3, but .* flow_updates 2"):
+        refine(workspace, targets=["clips"], flow_updates=3)
+    with pytest.raises(StageError, match=r"refine.tracker_iters is 4, but .* tracker_iters 2"):
+        refine(workspace, targets=["motion_gt"], tracker_iters=4)
 
 
 def test_stopped_run_writes_nothing_and_a_rerun_completes(workspace, one_thread):
@@ -169,6 +185,13 @@ def test_refine_motion_gt_trains_on_its_labels_and_scores_against_ground_truth(w
         for mode in ("tracks_first", "tracks_strided"):
             assert {"delta_avg", "occlusion_accuracy", "average_jaccard"} <= set(metrics[phase][mode])
     assert metrics["labels"]["flow_pairs"] == 2 * (FRAMES - 1), "the motion_gt labels, not the clips'"
+    # diagnostics: these labels are the exact motion (float16), half the pixels kept
+    assert metrics["labels"]["label_epe_kept"] < 0.01 and metrics["labels"]["label_epe_all"] < 0.01
+    assert metrics["labels"]["label_kept_fraction"] == pytest.approx(0.5, abs=0.02)
+    for phase in ("before", "after"):
+        flow = metrics[phase]["flow"]
+        assert flow["epe_moving"] > 0 and flow["epe_static"] >= 0 and 0 < flow["moving_fraction"] < 1
+        assert flow["mean_gt_flow_px"] > 0 and flow["mean_flow_px"] >= 0
     names = {p.name for p in out["reports"].iterdir()}
     assert {"motion_gt_flow.png", "motion_gt_tracks.mp4", "motion_gt_flow_history.csv"} <= names
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -87,7 +89,11 @@ def test_bad_inputs_raise_clear_errors(call, match):
         call()
 
 
-@pytest.mark.parametrize("style", [syn.PRETRAIN_STYLE, syn.GT_STYLE])
+# GT_STYLE's geometry without its camera effects (blur, lighting drift, noise change the colours only)
+GT_GEOMETRY = dataclasses.replace(syn.GT_STYLE, blur=(0.0, 0.0), lighting=0.0, noise=0.0)
+
+
+@pytest.mark.parametrize("style", [syn.PRETRAIN_STYLE, GT_GEOMETRY])
 def test_flow_warps_next_frame_onto_this_one(style):
     for seed in range(2):
         clip, ids, _ = syn._motion_clip((96, 96), 6, 0, np.random.default_rng(seed), style)
@@ -203,3 +209,28 @@ def test_appearance_does_not_depend_on_the_class():
               for seed in range(5)] for c in syn.MOTION_CLASSES]
     means = np.array(clips, float).mean((2, 3, 4))  # (classes, seeds, 3)
     assert means.std(0).mean() < 0.5 * means.std(1).mean()
+
+
+def test_camera_effects_change_colours_only():
+    """The same seed with and without GT_STYLE's camera effects: identical motion, tracks and
+    visibility; frames blurred (less high-frequency energy), drifting in brightness and noisy."""
+    plain, _, _ = syn._motion_clip((64, 64), 12, 32, np.random.default_rng(5), GT_GEOMETRY)
+    seen, _, _ = syn._motion_clip((64, 64), 12, 32, np.random.default_rng(5), syn.GT_STYLE)
+    for name in ("flow", "tracks", "visible"):
+        np.testing.assert_array_equal(getattr(plain, name), getattr(seen, name))
+    a, b = plain.frames.astype(np.float32), seen.frames.astype(np.float32)
+    assert np.abs(np.diff(b, axis=2)).mean() < np.abs(np.diff(a, axis=2)).mean(), "blurred"
+    ratio = b.reshape(12, -1).mean(1) / a.reshape(12, -1).mean(1)
+    assert abs(ratio[-1] - ratio[0]) > 0.05 and abs(ratio[0] - 1) < 0.03, "lighting drifts over the clip"
+
+
+def test_the_evaluation_domain_moves_objects_1_to_10_px_over_a_near_static_background():
+    """motion_gt's motion statistics (issue 15): objects 1-10 px/frame, the background under 1 px/frame."""
+    speeds_obj, speeds_bg = [], []
+    for seed in range(4):
+        clip, ids, _ = syn._motion_clip((128, 128), 6, 0, np.random.default_rng(seed), syn.GT_STYLE)
+        speed = np.linalg.norm(clip.flow, axis=-1)
+        speeds_obj.append(speed[ids[:-1] > 0]), speeds_bg.append(speed[ids[:-1] == 0])
+    obj, bg = np.concatenate(speeds_obj), np.concatenate(speeds_bg)
+    assert np.percentile(bg, 99) < 1.0
+    assert np.percentile(obj, 10) > 0.5 and 3.0 < np.median(obj) < 10.0 and np.percentile(obj, 99) < 16
