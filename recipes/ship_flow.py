@@ -54,7 +54,7 @@ def main() -> int:
     scores = json.loads((args.run / "metrics" / "motion_pretrain.json").read_text())
     out = REPO / "checkpoints"
     out.mkdir(exist_ok=True)
-    shutil.copyfile(args.run / "artifacts" / "flow.pt", out / "flow.pt")
+    shutil.copyfile(args.run / "artifacts" / "motion_pretrain" / "flow.pt", out / "flow.pt")
     model = load_flow_model(out / "flow.pt").eval()
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     provenance = {
@@ -62,7 +62,7 @@ def main() -> int:
         "command": f"mam2 motion_pretrain --params {args.recipe}", "recipe": recipe["motion_pretrain"],
         "commit": commit.strip(), "steps": recipe["motion_pretrain"]["flow_train"]["steps"],
         "device": f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "wall_seconds": round(args.seconds),
+        "wall_seconds": round(args.seconds), "wall_note": "the whole recipe run: flow, tracker, scoring",
         "motion_gt": {k: v for k, v in scores.items() if k.startswith("flow_")},
         "check": quick_check(model, int(recipe["motion_pretrain"].get("eval_flow_updates", 8))),
     }

@@ -1,0 +1,26 @@
+"""The shipped starting models (checkpoints/): each loads, and reproduces the check scores recorded in
+its provenance JSON on the first motion_gt clips, beating zero motion by the recorded margin."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from models.flow_io import load_flow_model
+from recipes.ship_flow import quick_check
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def test_shipped_flow_model_reproduces_its_recorded_scores(one_thread):
+    provenance = json.loads((CHECKPOINTS / "flow.json").read_text())
+    assert (CHECKPOINTS / "flow.pt").stat().st_size <= 8 * 2**20, "shipped models stay under 8 MB"
+    for key in ("command", "recipe", "commit", "steps", "device", "wall_seconds", "motion_gt"):
+        assert key in provenance, key
+    model = load_flow_model(CHECKPOINTS / "flow.pt").eval()
+    check = quick_check(model, provenance["check"]["flow_updates"])
+    assert check["epe"] == pytest.approx(provenance["check"]["epe"], rel=0.02)
+    assert check["epe_zero_motion"] == pytest.approx(provenance["check"]["epe_zero_motion"], rel=1e-6)
+    assert check["epe"] < check["epe_zero_motion"]
