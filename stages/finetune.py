@@ -100,11 +100,12 @@ class Params(StageParams):
     cutmix: float = Field(1.0, ge=0, description="cutmix beta alpha (0: off)")
     mixup_prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch")
     mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="probability of cutmix when both are on")
-    crop_scale: tuple[float, float] = Field((0.4, 1.0), description="area fraction of random resized crops")
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="area fraction of random resized crops "
+                                            "(VideoMAE's 0.08-1)")
     flip: bool = Field(False, description="random horizontal flips (wrong for direction-defined classes)")
-    rand_augment: bool = Field(False, description="RandAugment, one op sequence per clip")
-    rand_augment_ops: int = Field(2, ge=1, description="RandAugment ops per clip")
-    rand_augment_magnitude: int = Field(9, ge=0, le=30, description="RandAugment magnitude")
+    rand_augment: bool = Field(True, description="RandAugment, one op sequence per clip (VideoMAE: on)")
+    rand_augment_ops: int = Field(4, ge=1, description="RandAugment ops per clip (VideoMAE's n4)")
+    rand_augment_magnitude: int = Field(7, ge=0, le=30, description="RandAugment magnitude (VideoMAE's m7)")
     epochs: float | None = Field(None, gt=0, description="if set, train.steps = ceil(epochs x train clips "
                                  "/ train.batch_size)")
     eval_split: Literal["val", "test"] = Field("val", description="split evaluated")
@@ -112,9 +113,9 @@ class Params(StageParams):
                             "(VideoMAE's num_clips), spread evenly over it")
     eval_crops: int = Field(3, ge=1, description="spatial crops per temporal window at evaluation "
                             "(VideoMAE's num_crops), spread along the width")
-    eval_resize: float | None = Field(8 / 7, ge=1, description="evaluation frames are resized to a short "
-                                      "side of eval_resize x input_size before cropping (VideoMAE: 256/224 "
-                                      "= 8/7); null: crop at the stored scale")
+    eval_resize: float | None = Field(1.0, ge=1, description="evaluation frames are resized to a short "
+                                      "side of eval_resize x input_size before cropping (VideoMAE's test "
+                                      "pipeline: the input size, 1.0); null: crop at the stored scale")
     eval_batch_size: int = Field(16, ge=1, description="views per evaluation batch")
     videomae_num_frames: int = Field(16, ge=1, description="frames a VideoMAE checkpoint was trained on")
     videomae_input_size: int = Field(224, ge=8, description="resolution a VideoMAE checkpoint was trained at")

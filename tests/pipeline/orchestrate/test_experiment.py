@@ -19,6 +19,7 @@ PRETRAIN = {"depth": 1, "embed_dim": 32, "num_heads": 2, "num_frames": 4, "input
             "mask_ratio": 0.5, "sample_clips": 0,
             "train": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "log_every": 1}}
 FINETUNE = {"num_frames": 4, "frame_step": 1, "input_size": 16, "eval_crops": 1, "mixup": 0.0, "cutmix": 0.0,
+            "rand_augment": False, "crop_scale": [0.4, 1.0],
             "train": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "log_every": 1}}
 
 
