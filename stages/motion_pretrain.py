@@ -39,7 +39,7 @@ from models.tracker import (
 )
 from pipeline.core import stage_cli
 from pipeline.core.atomic import atomic_dir, write_json
-from pipeline.core.errors import StageError
+from pipeline.core.errors import StageError, require
 from pipeline.core.fingerprint import fingerprint
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
@@ -100,8 +100,7 @@ def run(params: Params, *, motion_gt: Path, artifacts: Path, metrics: Path, repo
         runs: Path) -> dict[str, Path]:
     """Obtain both models (train or load), save them to `artifacts`, evaluate them on `motion_gt`."""
     gt_store = motion_gt / "gt.zarr"
-    if not gt_store.exists():
-        raise FileNotFoundError(f"motion ground truth not found: {gt_store} (run `mam2 demo_data`)")
+    require(gt_store, "motion ground truth", "demo_data")
     reports.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     flow_model = obtain_flow_model(params, runs / "flow", reports)

@@ -481,7 +481,9 @@ def camera_effects(frames: np.ndarray, rng: np.random.Generator, style: SceneSty
             out = sum(k * np.take(padded, np.arange(i, i + out.shape[axis]), axis=axis)
                       for i, k in enumerate(kernel))
     gain = 1 + rng.choice([-1, 1]) * style.lighting * np.linspace(0, 1, len(out))
-    out = out * gain[:, None, None, None] + rng.normal(0, style.noise, out.shape) * (style.noise > 0)
+    out = out * gain[:, None, None, None]
+    if style.noise > 0:
+        out = out + rng.normal(0, style.noise, out.shape)
     return np.round(np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
