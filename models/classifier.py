@@ -1,10 +1,15 @@
 """Action-recognition classifier over a video encoder, and its fine-tuning parameter groups.
 
-    clip (B, C, T, H, W) in [0, 1] ─► input normalisation ─► encoder (all tokens) ─► mean over tokens
-                                     ─► LayerNorm (``fc_norm``) ─► dropout ─► linear ``head`` ─► logits
+    clip (B, C, T, H, W) in [0, 1] ─► input normalisation ─► encoder blocks (all tokens) ─► mean over
+             tokens ─► LayerNorm (``fc_norm``) ─► dropout ─► linear ``head`` ─► logits
 
-This is VideoMAE's fine-tuning head (``use_mean_pooling``): the head starts tiny (weights and bias
-scaled by ``head_init_scale`` = 0.001) so the first updates do not wreck the pre-trained features.
+This is VideoMAE's fine-tuning head (``use_mean_pooling``): the encoder's final norm is an identity and
+``fc_norm`` normalises the pooled features instead. A pre-trained encoder's final norm is dropped and
+``fc_norm`` starts afresh, as VideoMAE does when it loads a pre-trained checkpoint (non-strictly: its
+``norm.*`` weights have nowhere to go). ``final_norm=True`` keeps the encoder's final norm before the
+pooling (this project's earlier head; also what a checkpoint saved with it rebuilds). The head starts
+tiny (weights and bias scaled by ``head_init_scale`` = 0.001) so the first updates do not wreck the
+pre-trained features.
 ``freeze_encoder()`` turns the model into a linear probe: the encoder runs without gradients and stays
 in eval mode (no drop path) whatever ``train()`` is called with.
 
@@ -50,13 +55,19 @@ class TablePosEmbed(nn.Module):
 
 
 class VideoClassifier(nn.Module):
-    """Encoder over all tokens + mean pooling + LayerNorm + linear head; returns logits (B, classes)."""
+    """Encoder over all tokens + mean pooling + LayerNorm + linear head; returns logits (B, classes).
+
+    ``final_norm=False`` (VideoMAE's mean pooling) replaces ``encoder.norm`` by an identity, dropping any
+    weights it had; True keeps it as it is (an encoder whose norm is already an identity keeps that).
+    """
 
     def __init__(self, encoder: VideoViT, num_classes: int, *, head_init_scale: float = 0.001,
-                 head_dropout: float = 0.0, input_norm: str = "none") -> None:
+                 head_dropout: float = 0.0, input_norm: str = "none", final_norm: bool = False) -> None:
         super().__init__()
         if input_norm not in INPUT_NORMS:
             raise ValueError(f"unknown input_norm {input_norm!r}; choose one of {sorted(INPUT_NORMS)}")
+        if not final_norm:
+            encoder.norm = nn.Identity()
         self.encoder, self.num_classes, self.input_norm = encoder, num_classes, input_norm
         mean, std = INPUT_NORMS[input_norm]
         # (C, 1, 1, 1): broadcasts over (B, C, T, H, W); not persistent, the config rebuilds it
@@ -153,12 +164,12 @@ def save_classifier(model: VideoClassifier, config: dict[str, Any], path: Path |
 def build_classifier_from_config(config: dict[str, Any], **encoder_overrides: Any) -> VideoClassifier:
     """An untrained classifier with the architecture a `classifier_config` describes."""
     encoder = build_encoder(**{**config["encoder"], **encoder_overrides})
-    if not config.get("final_norm", True):
-        encoder.norm = nn.Identity()
     if config.get("pos_table_grid"):
         grid = tuple(config["pos_table_grid"])
         encoder.pos_embed = TablePosEmbed(torch.zeros(grid[0] * grid[1] * grid[2], encoder.embed_dim), grid)
-    return VideoClassifier(encoder, config["num_classes"], input_norm=config.get("input_norm", "none"))
+    # a config without the key predates the identity default: its classifiers kept the final norm
+    return VideoClassifier(encoder, config["num_classes"], input_norm=config.get("input_norm", "none"),
+                           final_norm=config.get("final_norm", True))
 
 
 def load_classifier(path: Path | str) -> tuple[VideoClassifier, dict[str, Any]]:

@@ -1,10 +1,21 @@
 """The heads on top of the video encoder: MAM2's CAE-style latent regressor and the prediction decoders.
 
-Regressor (CAE's idea, written here from the paper's description): queries for the masked tubelets start
-as one learnable mask token; each block lets them cross-attend to keys/values = [visible latents ;
-queries], adding the fixed position table to queries and keys. Only the queries are updated: the visible
-latents come from the encoder unchanged into every block, so the encoder alone must carry the
-representation. Residual branches use layer-scale (0.1) so the regressor starts near identity.
+Regressor (CAE's, Chen et al. 2022): queries for the masked tubelets start as one learnable mask token;
+each block lets them cross-attend to keys/values = [visible latents ; queries], adding the fixed position
+table to queries and keys. Only the queries are updated: the visible latents come from the encoder
+unchanged into every block, so the encoder alone must carry the representation. Residual branches use
+layer-scale (0.1) so the regressor starts near identity.
+
+The block's layout is a switch (``block``), because the MAM2 paper says only that its regressor follows
+CAE and confirms neither layout:
+
+- ``"cae"``, CAE's released ``RegressorBlock``: after the attention residual, the query stream itself is
+  normalised (``norm2``) and the MLP residual is added to the normalised stream,
+  ``q = q + g1 * attn(...); q = norm2(q); q = q + g2 * mlp(q)``;
+- ``"prenorm"``, this project's first version (a standard pre-norm Transformer branch):
+  ``q = q + g1 * attn(...); q = q + g2 * mlp(norm2(q))``.
+
+Both have the same parameters (names and shapes), so only the forward differs.
 
 Decoder: ``depth`` timm blocks at a narrow width, LayerNorm, Linear to the per-token prediction. It runs
 VideoMAE-style (visible latents + mask tokens, predictions read off the mask tokens) or on the regressor's
@@ -42,12 +53,19 @@ class CrossAttention(nn.Module):
         return self.proj(rearrange(out, "b h n d -> b n (h d)"))
 
 
+REGRESSOR_BLOCKS = ("cae", "prenorm")
+
+
 class RegressorBlock(nn.Module):
-    """Pre-norm cross-attention + MLP on the queries only, layer-scaled residuals."""
+    """Cross-attention + MLP on the queries only, layer-scaled residuals; ``layout`` "cae" or "prenorm"
+    places the second norm (module docstring)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, init_values: float = 0.1,
-                 drop_path: float = 0.0) -> None:
+                 drop_path: float = 0.0, layout: str = "prenorm") -> None:
         super().__init__()
+        if layout not in REGRESSOR_BLOCKS:
+            raise ValueError(f"unknown regressor block {layout!r}; choose one of {list(REGRESSOR_BLOCKS)}")
+        self.layout = layout
         self.norm_q, self.norm_k, self.norm_v = (nn.LayerNorm(dim, eps=1e-6) for _ in range(3))
         self.attn = CrossAttention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
@@ -62,6 +80,9 @@ class RegressorBlock(nn.Module):
         pos_kv = torch.cat([pos_vis, pos_q], dim=1)
         a = self.attn(self.norm_q(q + pos_q), self.norm_k(kv + pos_kv), self.norm_v(kv))
         q = q + self.drop_path(self.gamma1 * a)
+        if self.layout == "cae":  # CAE: the stream itself is normalised, then the MLP residual added
+            q = self.norm2(q)
+            return q + self.drop_path(self.gamma2 * self.mlp(q))
         return q + self.drop_path(self.gamma2 * self.mlp(self.norm2(q)))
 
 
@@ -69,11 +90,12 @@ class Regressor(nn.Module):
     """Predicts the encoder-space latents of masked tubelets from the visible ones (B, V, D) -> (B, M, D)."""
 
     def __init__(self, dim: int, depth: int = 4, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 init_values: float = 0.1, drop_path_rate: float = 0.0) -> None:
+                 init_values: float = 0.1, drop_path_rate: float = 0.0, block: str = "prenorm") -> None:
         super().__init__()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # python: meta-device safe
-        self.blocks = nn.ModuleList(RegressorBlock(dim, num_heads, mlp_ratio, init_values, r) for r in rates)
+        self.blocks = nn.ModuleList(RegressorBlock(dim, num_heads, mlp_ratio, init_values, r, layout=block)
+                                    for r in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.apply(init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)

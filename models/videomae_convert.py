@@ -8,6 +8,10 @@ VideoMAE's layouts (its released pre-trained and fine-tuned checkpoints, wrapped
 - fine-tuned: the same without the ``encoder.`` prefix, plus ``fc_norm.*`` (mean pooling; then there is
   no final ``norm``) and ``head.*``; ``pos_embed`` (1, N, D) when the table was learnt.
 
+Both load completely into the encoder. The classifier (`models.classifier.VideoClassifier`, mean pooling)
+then does what VideoMAE's fine-tuning does: a pre-trained checkpoint's final ``norm`` is dropped and
+``fc_norm`` starts afresh; a fine-tuned checkpoint's ``fc_norm`` is loaded by `load_head`.
+
 Inside a block the names are timm's except the attention bias: VideoMAE keeps separate ``q_bias`` and
 ``v_bias`` and no k bias, so ``qkv.bias`` = [q_bias, 0, v_bias]; layer scales ``gamma_1``/``gamma_2``
 become timm's ``ls1.gamma``/``ls2.gamma``. Everything that is neither ours nor known to be

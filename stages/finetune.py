@@ -5,9 +5,11 @@ clips are left out) and, with `init: pretrain`, `artifacts/pretrain/encoder.pt`.
 `scratch` or a path to our encoder checkpoint or a published VideoMAE checkpoint (converted key by key,
 with a report of matched, missing and ignored keys). Clip length and resolution may differ from
 pre-training: our 3-D sin-cos table is regenerated, a VideoMAE table is interpolated.
-Model: encoder on all tokens -> mean pooling -> LayerNorm -> linear head (init scale 0.001).
-Recipe (VideoMAE's): layer-wise lr decay, drop path, label smoothing, mixup/cutmix, optional
-RandAugment, warm-up + cosine on the shared loop (resume, DDP, bf16). `mode: linear` freezes the encoder.
+Model (VideoMAE's mean-pooling head): encoder on all tokens, its final LayerNorm an identity (a
+pre-trained one is dropped; `final_norm: true` keeps it) -> mean pooling -> LayerNorm (fc_norm) ->
+linear head (init scale 0.001).
+Recipe (VideoMAE's): layer-wise lr decay, drop path, label smoothing, mixup/cutmix, RandAugment, random
+erasing, warm-up + cosine on the shared loop (resume, DDP, bf16). `mode: linear` freezes the encoder.
 Evaluation (VideoMAE's multi-view testing): every stored clip of a video x `eval_clips` temporal windows x
 `eval_crops` spatial crops, softmax scores averaged per video; top-1, top-5, per-class accuracy, confusion
 matrix (and the single-view top-1 for comparison).
@@ -33,7 +35,7 @@ from timm.loss import SoftTargetCrossEntropy
 from models.classifier import VideoClassifier, classifier_config, layer_decay_param_groups, save_classifier
 from models.encoder_io import FORMAT as ENCODER_FORMAT
 from models.encoder_io import EncoderCheckpointError, encoder_input_norm, load_encoder
-from models.video_vit import build_encoder
+from models.video_vit import INPUT_NORMS, build_encoder
 from models.videomae_convert import VideoMAEConversionError, load_head, load_videomae_encoder
 from pipeline.classify.data import ClipSpec, EvalViews, TrainClips, store_info
 from pipeline.classify.evaluate import (
@@ -106,6 +108,13 @@ class Params(StageParams):
     rand_augment: bool = Field(True, description="RandAugment, one op sequence per clip (VideoMAE: on)")
     rand_augment_ops: int = Field(4, ge=1, description="RandAugment ops per clip (VideoMAE's n4)")
     rand_augment_magnitude: int = Field(7, ge=0, le=30, description="RandAugment magnitude (VideoMAE's m7)")
+    random_erasing: float = Field(0.25, ge=0, le=1, description="probability of erasing one random box of a "
+                                  "training clip, the same box in every frame, with per-pixel noise that is "
+                                  "standard normal after input normalisation (VideoMAE's --reprob 0.25, "
+                                  "mode pixel, count 1; 0: off)")
+    final_norm: bool = Field(False, description="keep the encoder's final LayerNorm before mean pooling "
+                             "(this project's earlier head); false: VideoMAE's identity + fc_norm, a "
+                             "pre-trained final norm is dropped")
     epochs: float | None = Field(None, gt=0, description="if set, train.steps = ceil(epochs x train clips "
                                  "/ train.batch_size)")
     eval_split: Literal["val", "test"] = Field("val", description="split evaluated")
@@ -139,14 +148,12 @@ def run(params: Params, *, clips: Path, encoder: Path, artifacts: Path, run_dir:
     """Fine-tune on the train split of `clips` from `encoder` (or as `params.init` says), evaluate,
     and write the classifier, metrics and reports."""
     info = store_info(clips, params.clip_spec())
-    train_set = TrainClips(clips, "train", params.clip_spec(), scale=params.crop_scale, flip=params.flip,
-                           rand_augment=(params.rand_augment_ops, params.rand_augment_magnitude)
-                           if params.rand_augment else None)
-    train_params = resolve_steps(params, len(train_set))
     place = init_distributed()
-    torch.manual_seed(train_params.seed)
+    torch.manual_seed(params.train.seed)
     source = init_source(params, encoder)
     model, encoder_config, init_report = build_model(params, source, len(info.class_names))
+    train_set = training_clips(params, clips, model.input_norm)  # erasing needs the model's input norm
+    train_params = resolve_steps(params, len(train_set))
     if place.is_main:
         log.info("fine-tuning (%s, init %s) on %d clips of %d classes for %d steps", params.mode,
                  init_report["init"], len(train_set), len(info.class_names), train_params.steps)
@@ -191,6 +198,14 @@ def run_from_paths(params: Params, paths: Paths) -> dict[str, Path]:
                metrics=paths.metrics_of("finetune"), reports=paths.reports_of("finetune"))
 
 
+def training_clips(params: Params, clips: Path, input_norm: str) -> TrainClips:
+    """The augmented training set; `input_norm` (the model's) sets the erased pixels' distribution."""
+    return TrainClips(clips, "train", params.clip_spec(), scale=params.crop_scale, flip=params.flip,
+                      rand_augment=(params.rand_augment_ops, params.rand_augment_magnitude)
+                      if params.rand_augment else None, random_erasing=params.random_erasing,
+                      norm=INPUT_NORMS[input_norm])
+
+
 # ----------------------------------------------------------------------------- model
 
 
@@ -218,7 +233,8 @@ def build_model(params: Params, source: Path | None, num_classes: int
     """The classifier, its encoder's build config, and a report of how the encoder was initialised."""
     drop_path = 0.0 if params.mode == "linear" else params.drop_path
     size = {"img_size": params.input_size, "num_frames": params.num_frames}
-    head_kw = {"head_init_scale": params.head_init_scale, "head_dropout": params.head_dropout}
+    head_kw = {"head_init_scale": params.head_init_scale, "head_dropout": params.head_dropout,
+               "final_norm": params.final_norm}
     try:
         if source is None:
             config = scratch_config(params)
@@ -227,16 +243,22 @@ def build_model(params: Params, source: Path | None, num_classes: int
             report: dict[str, Any] = {"init": "scratch"}
         elif is_our_encoder(source):
             encoder, config = load_encoder(source, **size, drop_path_rate=drop_path)
+            report = {"init": str(source), "format": ENCODER_FORMAT, "keys": len(encoder.state_dict())}
             norm = input_norm(params, encoder_input_norm(source))  # auto: what pretrain fed it
             model = VideoClassifier(encoder, num_classes, input_norm=norm, **head_kw)
-            report = {"init": str(source), "format": ENCODER_FORMAT, "keys": len(encoder.state_dict())}
+            if not params.final_norm:
+                report["notes"] = ["the encoder's final norm is dropped: mean pooling + fc_norm (VideoMAE)"]
         else:
             encoder, config, head, conversion = load_videomae_encoder(
                 source, **size, source_num_frames=params.videomae_num_frames,
                 source_img_size=params.videomae_input_size, num_heads=params.videomae_num_heads,
                 drop_path_rate=drop_path)
+            had_norm = not isinstance(encoder.norm, torch.nn.Identity)
             model = VideoClassifier(encoder, num_classes, input_norm=input_norm(params, "imagenet"),
                                     **head_kw)
+            if had_norm and not params.final_norm:
+                conversion.notes.append("the encoder's final norm is dropped and fc_norm starts afresh "
+                                        "(mean pooling, as VideoMAE fine-tunes a pre-trained checkpoint)")
             load_head(model, head, conversion)
             log.info("%s", conversion.summary())
             report = {"init": str(source), "format": "videomae", **conversion.as_dict()}

@@ -5,8 +5,9 @@ Inputs: `paths.clips` (clips.zarr; train split and unlabelled clips), `data/targ
 unless `motion_source: store`; not needed by `objective: videomae`), and, when present,
 `artifacts/tokenizer/vqgan.pt` to draw predicted codes as images.
 Outputs: `artifacts/pretrain/encoder.pt` (the encoder in `models.encoder_io` format, read by finetune)
-and `model.pt` (encoder + regressor + decoders + params), `metrics/pretrain.json`,
-`reports/pretrain/history.csv` and sample images; resumable state in `runs/pretrain/`.
+and `model.pt` (encoder + regressor + decoders + params), `metrics/pretrain.json` (each metric with
+its trivial baseline beside it), `reports/pretrain/history.csv` and sample images; resumable state in
+`runs/pretrain/`.
 Samples are f-grid-aligned crops at the input size, flips and temporal windows of the stored clips
 (why: `pipeline.data.pretrain_data`), tube-masked at `mask_ratio`; training runs through the shared loop
 (AdamW, lr = base_lr x batch / 256, warm-up + cosine, DDP under torchrun, exact resume).
@@ -55,7 +56,8 @@ ObjectiveName = Literal["mam2", "mam2_appearance", "mam2_motion", "mam2_no_regre
 # CPU demo: lr = 0.03 x 8 / 256 = 9.4e-4, close to the paper's 1.5e-4 x 2048 / 256 = 1.2e-3.
 TRAIN_DEFAULTS = TrainParams(steps=200, batch_size=8, base_lr=0.03, warmup_steps=20, checkpoint_every=50,
                              log_every=10)
-SCALAR_KEYS = ("loss", "loss_appearance", "loss_motion", "loss_pixel", "loss_align", "appearance_acc")
+SCALAR_KEYS = ("loss", "loss_appearance", "loss_motion", "loss_pixel", "loss_align", "appearance_acc",
+               "appearance_acc_baseline", "motion_mse_baseline", "pixel_mse_baseline")
 StageTrainParams = stage_train_params(TRAIN_DEFAULTS)
 
 
@@ -77,7 +79,16 @@ class Params(StageParams):
     objective: ObjectiveName = Field("mam2", description="mam2, its ablations, or the videomae baseline")
     appearance_weight: float = Field(1.0, ge=0, description="weight of the code cross-entropy")
     motion_weight: float = Field(1.0, ge=0, description="weight of the RGB-difference MSE")
-    align_weight: float = Field(0.0, ge=0, description="regressor alignment loss weight (0: off)")
+    # CAE's alignment loss and regressor block: the MAM2 paper says its regressor follows CAE but confirms
+    # neither, so both are switches; the defaults keep this project's first version pending an ablation.
+    align_weight: float = Field(0.0, ge=0, description="weight of CAE's alignment loss: MSE between the "
+                                "regressor's latents of the masked tubelets and the encoder's own (no-grad) "
+                                "latents of them; costs an encoder pass over the masked tubelets. CAE: 2; "
+                                "not confirmed by the MAM2 paper; 0: off; objectives with a regressor only")
+    regressor_block: Literal["prenorm", "cae"] = Field(
+        "prenorm", description="regressor block layout: cae = CAE's (the query stream is normalised after "
+        "the attention residual, then the MLP residual added), prenorm = a pre-norm MLP branch; the MAM2 "
+        "paper confirms neither")
     input_norm: Literal["imagenet", "none"] = Field("imagenet", description="encoder input normalisation "
                                                     "(VideoMAE's: ImageNet mean/std); encoder.pt records it "
                                                     "and finetune uses it")
@@ -201,7 +212,8 @@ def build_model(params: Params, dataset: PretrainDataset) -> MAM2:
     info = dataset.info
     return MAM2(build_encoder(**encoder_config(params)), params.objective,
                 codebook_size=info.codebook_size if info else 1, code_downsample=dataset.align,
-                **params.heads(), layer_scale=params.layer_scale, appearance_weight=params.appearance_weight,
+                **params.heads(), layer_scale=params.layer_scale, regressor_block=params.regressor_block,
+                appearance_weight=params.appearance_weight,
                 motion_weight=params.motion_weight, align_weight=params.align_weight,
                 motion_min_std=params.motion_min_std, input_norm=params.input_norm)
 
@@ -245,7 +257,9 @@ def model_checkpoint(params: Params, model: MAM2) -> dict:
 
 def summarise(history: list[dict], train_params: TrainParams, num_clips: int, window: int = 5) -> dict:
     """metrics/pretrain.json: means over the last `window` logs (each log is one step's batch), the first
-    logged loss, and how much training that was."""
+    logged loss, and how much training that was. Each model metric has its trivial baseline beside it,
+    measured on the same batches' masked targets: ``appearance_acc_baseline`` (predict the most frequent
+    code) and ``motion_mse_baseline`` / ``pixel_mse_baseline`` (predict zero)."""
     summary: dict = {"steps": train_params.steps, "batch_size": train_params.batch_size,
                      "train_clips": num_clips,
                      "epochs": train_params.steps * train_params.batch_size / num_clips}

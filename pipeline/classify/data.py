@@ -5,13 +5,15 @@ Only labelled clips (label >= 0) of the requested split are used, so unlabelled 
 every ``frame_step`` frames:
 
 - training (`TrainClips`): a random temporal window, a random resized crop (area fraction ``scale``,
-  aspect ``ratio``) resized to ``crop_size``, an optional horizontal flip and optional RandAugment
-  (one op sequence for all frames of a clip). All randomness comes from the sample seed the shared
-  training loop hands to ``__getitem__((index, seed))``.
+  aspect ``ratio``) resized to ``crop_size``, an optional horizontal flip, optional RandAugment
+  (one op sequence for all frames of a clip) and optional random erasing (`random_erase`: VideoMAE's
+  ``--reprob``, one box per clip at the same place in every frame, filled with per-pixel noise that is
+  standard normal after the model's input normalisation). All randomness comes from the sample seed
+  the shared training loop hands to ``__getitem__((index, seed))``.
 - evaluation (`EvalViews`): VideoMAE's ``num_clips`` x ``num_crops`` testing. Each stored clip of a
   video gives ``num_clips`` temporal windows spread evenly over it (the centre one for 1); its frames
-  are resized so the short side is ``short_side`` (VideoMAE: 256 for 224 crops, so objects appear at
-  about the scale the random resized crops of training show them; None keeps the stored scale), and
+  are resized so the short side is ``short_side`` (VideoMAE's test pipeline: the crop size itself;
+  None keeps the stored scale), and
   cut into ``num_crops`` spatial crops of ``crop_size`` spread along the width (left, centre, right
   for 3). Items carry the clip's ``video`` id so scores can be averaged per video (a
   video decoded into several stored clips gets all their views).
@@ -23,6 +25,7 @@ Flip is off by default: on direction-defined classes (translate left/right, rota
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,16 +115,25 @@ class _StoreClips(Dataset):
 
 
 class TrainClips(_StoreClips):
-    """Augmented training clips; ``__getitem__((index, seed))`` -> {"clip", "label", "seed"}."""
+    """Augmented training clips; ``__getitem__((index, seed))`` -> {"clip", "label", "seed"}.
+
+    ``random_erasing`` is the probability of erasing one box of a clip (`random_erase`); ``norm`` is the
+    (mean, std) per channel the model normalises its input with, so the erased pixels are standard normal
+    after it, as VideoMAE erases after normalising. Clips are in [0, 1] except in an erased box.
+    """
 
     def __init__(self, path: Path | str, split: str, spec: ClipSpec, *,
                  scale: tuple[float, float] = (0.4, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), flip: bool = False,
-                 rand_augment: tuple[int, int] | None = None) -> None:
+                 rand_augment: tuple[int, int] | None = None, random_erasing: float = 0.0,
+                 norm: tuple[Sequence[float], Sequence[float]] = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))) -> None:
         super().__init__(path, split, spec)
+        if not 0 <= random_erasing <= 1:
+            raise ValueError(f"random_erasing is a probability, got {random_erasing}")
         self.scale, self.ratio, self.flip = scale, ratio, flip
         self.rand_augment = (v2.RandAugment(num_ops=rand_augment[0], magnitude=rand_augment[1])
                              if rand_augment else None)
+        self.random_erasing, self.norm = random_erasing, (tuple(norm[0]), tuple(norm[1]))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -136,6 +148,8 @@ class TrainClips(_StoreClips):
             clip = clip.flip(-1)
         if self.rand_augment is not None:
             clip = self._augment(clip, int(rng.integers(2**31)))
+        if self.random_erasing > 0:
+            clip = random_erase(clip, self.random_erasing, rng, mean=self.norm[0], std=self.norm[1])
         return {"clip": clip.contiguous(), "label": int(self.labels[index]), "seed": int(seed)}
 
     def _augment(self, clip: torch.Tensor, seed: int) -> torch.Tensor:
@@ -144,6 +158,36 @@ class TrainClips(_StoreClips):
             torch.manual_seed(seed)
             frames = self.rand_augment(rearrange(clip, "c t h w -> t c h w"))
         return rearrange(frames, "t c h w -> c t h w").clamp(0, 1)
+
+
+def random_erase(clip: torch.Tensor, probability: float, rng: np.random.Generator, *,
+                 mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0),
+                 area: tuple[float, float] = (0.02, 1 / 3), min_aspect: float = 0.3,
+                 attempts: int = 100) -> torch.Tensor:
+    """Random erasing of a clip (C, T, H, W) as VideoMAE applies it (``--reprob``, mode "pixel", count 1,
+    its "cube" variant): with `probability`, one box is chosen for the whole clip and replaced in every
+    frame by fresh per-pixel noise. The box covers an area fraction drawn from `area` with aspect (h/w)
+    log-uniform in [min_aspect, 1/min_aspect], and must be smaller than the frame on both sides; when
+    `attempts` draws do not fit, the clip is left as it is. The noise is ``mean + std * N(0, 1)`` per
+    channel, so it is standard normal after the model normalises its input with (mean, std), as in
+    VideoMAE, which erases normalised clips. Returns a new tensor; the input is not changed."""
+    if probability <= 0 or rng.random() >= probability:
+        return clip
+    channels, frames, height, width = clip.shape
+    log_aspect = (math.log(min_aspect), -math.log(min_aspect))
+    for _ in range(attempts):
+        target = rng.uniform(*area) * height * width
+        aspect = math.exp(rng.uniform(*log_aspect))
+        h, w = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < h < height and 0 < w < width:
+            top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+            noise = torch.from_numpy(rng.standard_normal((channels, frames, h, w), dtype=np.float32))
+            centre = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1, 1)
+            scale = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1, 1)
+            out = clip.clone()
+            out[:, :, top:top + h, left:left + w] = (centre + scale * noise).to(clip.dtype)
+            return out
+    return clip
 
 
 def random_resized_box(size: tuple[int, int], scale: tuple[float, float], ratio: tuple[float, float],

@@ -1,6 +1,9 @@
-"""Classifier head, layer-wise lr decay groups, linear-probe freezing, checkpoints, loaded position tables."""
+"""Classifier head (identity + fc_norm under mean pooling), layer-wise lr decay groups, linear-probe freezing,
+checkpoints, loaded position tables."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -33,7 +36,10 @@ def test_layer_decay_scales():
     named = dict(model.named_parameters())
     assert set(scale_of) == {id(p) for p in named.values()}  # every parameter, once
     assert scale_of[id(named["head.weight"])] == 1.0 and scale_of[id(named["fc_norm.weight"])] == 1.0
-    assert scale_of[id(named["encoder.norm.weight"])] == 1.0
+    assert "encoder.norm.weight" not in named  # mean pooling: the encoder's final norm is an identity
+    kept = dict(classifier(final_norm=True).named_parameters())
+    groups = layer_decay_param_groups(classifier(final_norm=True), weight_decay=0.05, layer_decay=decay)
+    assert {g["lr_scale"] for g in groups for p in g["params"] if p is kept["encoder.norm.weight"]} <= {1.0}
     for i in range(depth):
         for key in (f"encoder.blocks.{i}.attn.qkv.weight", f"encoder.blocks.{i}.mlp.fc2.bias"):
             assert scale_of[id(named[key])] == pytest.approx(decay ** (depth - i))
@@ -89,6 +95,48 @@ def test_input_norm_and_pooling():
     torch.testing.assert_close(model(x), expected)
     with pytest.raises(ValueError, match="input_norm"):
         classifier(input_norm="zscore")
+
+
+def test_mean_pooling_drops_the_final_norm_unless_asked():
+    """VideoMAE's head: identity instead of the encoder's final norm, fc_norm (fresh) after pooling;
+    final_norm=True is the earlier head (final norm, pool, fc_norm)."""
+    torch.manual_seed(0)
+    encoder = build_encoder(**CONFIG)
+    with torch.no_grad():
+        encoder.norm.weight.normal_()
+    old_norm = encoder.norm
+    x = torch.rand(2, 3, 4, 16, 16)
+    with torch.no_grad():
+        tokens = encoder.patch_embed(x).flatten(2).transpose(1, 2) + encoder.pos_embed(encoder.grid)
+        for blk in encoder.eval().blocks:
+            tokens = blk(tokens)  # the last block's output, before any norm
+    kept = VideoClassifier(copy.deepcopy(encoder), 5, final_norm=True).eval()
+    assert isinstance(kept.encoder.norm, torch.nn.LayerNorm)
+    torch.testing.assert_close(kept.features(x), kept.fc_norm(old_norm(tokens).mean(1)))
+    model = VideoClassifier(encoder, 5).eval()
+    assert isinstance(model.encoder.norm, torch.nn.Identity)
+    assert not [k for k in model.state_dict() if k.startswith("encoder.norm.")]
+    torch.testing.assert_close(model.features(x), model.fc_norm(tokens.mean(1)))
+    assert torch.equal(model.fc_norm.weight, torch.ones(32))  # fresh
+    assert torch.equal(model.fc_norm.bias, torch.zeros(32))
+
+
+def test_checkpoint_roundtrip_keeps_the_head_kind(tmp_path):
+    """A saved classifier rebuilds with or without the final norm, as it was saved; a config written before
+    the identity default (no final_norm key) kept the norm."""
+    x = torch.rand(2, 3, 4, 16, 16)
+    for final_norm in (False, True):
+        model = classifier(final_norm=final_norm)
+        config = classifier_config(model, CONFIG, list("abcde"))
+        assert config["final_norm"] is final_norm
+        loaded, _ = load_classifier(save_classifier(model, config, tmp_path / f"{final_norm}.pt"))
+        assert isinstance(loaded.encoder.norm, torch.nn.Identity) is not final_norm
+        torch.testing.assert_close(loaded(x), model.eval()(x))
+    model = classifier(final_norm=True)
+    config = classifier_config(model, CONFIG, list("abcde"))
+    del config["final_norm"]
+    loaded, _ = load_classifier(save_classifier(model, config, tmp_path / "old.pt"))
+    assert isinstance(loaded.encoder.norm, torch.nn.LayerNorm)
 
 
 def test_checkpoint_roundtrip_with_loaded_table(tmp_path):

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.mam2 import MAM2, OBJECTIVES, build_mam2
+from models.mam2 import MAM2, OBJECTIVES, build_mam2, most_frequent_accuracy
+from models.mam2_heads import REGRESSOR_BLOCKS, RegressorBlock
 from models.masking import tube_mask
 from models.pretrain_targets import code_target, motion_target, normalize_patches, pixel_target
 from models.video_vit import build_encoder, patchify, unpatchify
@@ -140,14 +141,90 @@ def test_predictions_do_not_see_masked_content():
     assert torch.equal(a["pred_codes"], b["pred_codes"])
 
 
-def test_alignment_loss_and_weighted_sum():
-    model = tiny_model(align_weight=2.0, appearance_weight=0.5)
+@pytest.mark.parametrize("block", REGRESSOR_BLOCKS)
+def test_alignment_loss_and_weighted_sum(block):
+    """CAE's alignment loss: a finite extra term, weighted into the loss; it trains the regressor and,
+    through the regressor's inputs, the encoder; its target (the encoder's latents of the masked tubelets)
+    carries no gradient."""
+    torch.manual_seed(0)
+    model = tiny_model(align_weight=2.0, appearance_weight=0.5, regressor_block=block)
     clip, targets, mask = batch()
     out = model(clip, mask, targets)
+    assert torch.isfinite(out["loss_align"]) and out["loss_align"] > 0
     want = 0.5 * out["loss_appearance"] + out["loss_motion"] + 2.0 * out["loss_align"]
     torch.testing.assert_close(out["loss"], want)
     out["loss_align"].backward()
     assert model.encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0  # through the regressor's inputs
+    assert all(p.grad is not None for p in model.regressor.parameters())
+    assert all(p.grad is None for p in model.motion_decoder.parameters())
+    # the same gradient as a hand-made loss whose target is detached: none flows through the target
+    from models.video_vit import split_tokens
+
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    split = split_tokens(mask, 64)
+    inputs = (clip - model.mean) / model.std
+    pos = model.encoder.pos_embed(model.encoder.grid)
+    pred = model.regressor(model.encoder.encode(inputs, split.visible), pos[split.visible], pos[split.masked])
+    F.mse_loss(pred, model.encoder.encode(inputs, split.masked).detach()).backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None or name in grads:
+            torch.testing.assert_close(p.grad, grads[name], msg=name)
+    plain = tiny_model(regressor_block=block)
+    assert "loss_align" not in plain(clip, mask, targets)  # 0: off
+
+
+@pytest.mark.parametrize("block", REGRESSOR_BLOCKS)
+def test_both_regressor_blocks_build_run_and_train(block):
+    torch.manual_seed(0)
+    model = tiny_model(regressor_block=block)
+    assert all(b.layout == block for b in model.regressor.blocks)
+    clip, targets, mask = batch()
+    out = model(clip, mask, targets)
+    assert torch.isfinite(out["loss"]) and out["pred_motion"].shape == (2, 56, 2 * 8 * 8 * 3)
+    out["loss"].backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    with pytest.raises(ValueError, match="regressor block"):
+        tiny_model(regressor_block="postnorm")
+
+
+def test_regressor_block_layouts_by_hand():
+    """cae: q = q + g1 a; q = norm2(q); q + g2 mlp(q) (CAE's RegressorBlock);
+    prenorm: q = q + g1 a; q + g2 mlp(norm2(q))."""
+    torch.manual_seed(0)
+    cae = RegressorBlock(16, 2, init_values=0.5, layout="cae").eval()
+    pre = RegressorBlock(16, 2, init_values=0.5, layout="prenorm").eval()
+    pre.load_state_dict(cae.state_dict())  # same parameters, only the forward differs
+    q, pos_q, lat, pos_v = (torch.randn(2, n, 16) for n in (3, 3, 5, 5))
+    kv, pos_kv = torch.cat([lat, q], 1), torch.cat([pos_v, pos_q], 1)
+    a = cae.attn(cae.norm_q(q + pos_q), cae.norm_k(kv + pos_kv), cae.norm_v(kv))
+    mid = q + cae.gamma1 * a
+    with torch.no_grad():
+        normed = cae.norm2(mid)
+        torch.testing.assert_close(cae(q, pos_q, lat, pos_v), normed + cae.gamma2 * cae.mlp(normed))
+        torch.testing.assert_close(pre(q, pos_q, lat, pos_v), mid + cae.gamma2 * cae.mlp(cae.norm2(mid)))
+
+
+def test_trivial_baselines_beside_the_metrics():
+    """appearance_acc_baseline: accuracy of the most frequent masked code; motion/pixel_mse_baseline: MSE of
+    predicting zero, the normalised target's mean square (about 1 per tubelet by construction)."""
+    codes = torch.tensor([[3, 3, 1], [3, 0, 2]])
+    assert float(most_frequent_accuracy(codes, 8)) == pytest.approx(0.5)
+    model = tiny_model()
+    clip, targets, mask = batch()
+    targets["codes"][:] = 5  # one code everywhere: the constant prediction is always right
+    out = model(clip, mask, targets)
+    assert float(out["appearance_acc_baseline"]) == 1.0
+    targets["codes"] = torch.arange(2 * 8 * 4 * 4).remainder(CODEBOOK).view(2, 8, 4, 4)
+    out = model(clip, mask, targets)
+    assert 0 < float(out["appearance_acc_baseline"]) < 0.2  # 16 codes, nearly uniform
+    target, valid = motion_target(targets["rgb_diff"], 2, 8, min_std=model.motion_min_std)
+    masked = mask[..., None] & valid[None]  # (B, N, P): masked tubelets' valid voxels
+    torch.testing.assert_close(out["motion_mse_baseline"], target.square()[masked].mean())
+    assert 0.3 < float(out["motion_mse_baseline"]) <= 1.0 + 1e-4
+    pixels = tiny_model("videomae")(clip, mask, targets)
+    want = pixel_target(clip, 2, 8)[mask].square().mean()
+    torch.testing.assert_close(pixels["pixel_mse_baseline"], want)
 
 
 def test_bad_targets_and_masks_fail_clearly():

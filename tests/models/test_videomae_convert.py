@@ -80,6 +80,26 @@ def test_pretrained_layout_loads_every_encoder_key(tmp_path):
     torch.testing.assert_close(encoder.eval()(x), source.eval()(x))
 
 
+def test_pretrained_layout_under_mean_pooling_drops_norm_and_starts_fc_norm_afresh(tmp_path):
+    """As VideoMAE fine-tunes a pre-trained checkpoint (use_mean_pooling, non-strict load): the encoder's
+    final norm becomes an identity and fc_norm starts at (1, 0); final_norm=True keeps the loaded norm."""
+    source = source_encoder()
+    with torch.no_grad():
+        source.norm.weight.normal_()
+    path = tmp_path / "videomae_pretrain.pth"
+    torch.save({"model": videomae_state(source)}, path)
+    size = dict(img_size=32, num_frames=4, source_num_frames=4, source_img_size=32, num_heads=4)
+    encoder, _, head, report = load_videomae_encoder(path, **size)
+    assert "norm.weight" in report.matched and torch.equal(encoder.norm.weight, source.norm.weight)
+    model = VideoClassifier(encoder, 3, input_norm="imagenet")
+    load_head(model, head, report)
+    assert isinstance(model.encoder.norm, torch.nn.Identity)
+    assert torch.equal(model.fc_norm.weight, torch.ones(64))  # fresh
+    assert torch.equal(model.fc_norm.bias, torch.zeros(64))
+    kept = VideoClassifier(load_videomae_encoder(path, **size)[0], 3, final_norm=True)
+    assert torch.equal(kept.encoder.norm.weight, source.norm.weight)
+
+
 def test_finetuned_layout_with_head_pos_table_and_new_grid(tmp_path):
     source = source_encoder()
     state = videomae_state(source, pretrained=False)

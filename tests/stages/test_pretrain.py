@@ -89,6 +89,10 @@ def test_mam2_run_learns_writes_loadable_artifacts_and_logs(tmp_path, one_thread
     metrics = json.loads(outputs["metrics"].read_text())
     assert metrics["steps"] == 60 and metrics["train_clips"] == 2 and "clips_per_s" not in metrics
     assert {"loss", "loss_appearance", "loss_motion", "motion_mse", "appearance_acc"} <= set(metrics)
+    # the trivial baselines beside them, on the same masked targets: a constant code, a zero difference
+    assert 0 < metrics["appearance_acc_baseline"] <= 1 and 0 < metrics["motion_mse_baseline"] <= 1 + 1e-4
+    assert metrics["motion_mse"] < metrics["motion_mse_baseline"], metrics  # learnt: beats predicting zero
+    assert "pixel_mse_baseline" not in metrics and "loss_pixel" not in metrics
     encoder, config = load_encoder(tmp_path / "artifacts" / "encoder.pt")
     assert config == {"name": "tiny", "img_size": 16, "num_frames": 4, "patch_size": 8, "tubelet_size": 2,
                       "depth": 1, "embed_dim": 32, "num_heads": 2}
@@ -104,7 +108,8 @@ def test_mam2_run_learns_writes_loadable_artifacts_and_logs(tmp_path, one_thread
     run_data = mlflow.MlflowClient().get_run(tracked.run_id).data
     logged = set(run_data.metrics)
     assert {"train/loss_appearance", "train/loss_motion", "train/appearance_acc", "train/lr",
-            "train/clips_per_s", "data/train_clips"} <= logged
+            "train/clips_per_s", "data/train_clips", "train/appearance_acc_baseline",
+            "train/motion_mse_baseline"} <= logged
     assert any(key.startswith("system/") for key in logged), sorted(logged)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(tracked.run_id, "samples")}
     assert artifacts == {"samples/codes_target_vs_pred.png", "samples/motion_target_vs_pred.png"}
@@ -115,7 +120,8 @@ def test_videomae_runs_without_a_targets_store(tmp_path, one_thread):
     pretrain(tmp_path, tiny_params(objective="videomae", flip=False), targets=tmp_path / "absent.zarr")
     rows = history(tmp_path)
     assert fell(rows, "loss_pixel", 0.6), rows
-    assert "loss_appearance" not in rows[0]
+    assert "loss_appearance" not in rows[0] and "appearance_acc_baseline" not in rows[0]
+    assert rows[-1]["loss_pixel"] < rows[-1]["pixel_mse_baseline"] <= 1 + 1e-4, rows[-1]
     load_encoder(tmp_path / "artifacts" / "encoder.pt")
     assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["frames_masked.png", "history.csv"]
 
@@ -157,6 +163,22 @@ def test_epochs_set_the_steps_and_partial_train_blocks_keep_stage_defaults():
     with pytest.raises(ParamsError, match="pretrain.objective"):
         validate_section({"pretrain": {"objective": "mae"}}, "pretrain", Params)
     assert set(get_args(ObjectiveName)) == set(OBJECTIVES)  # the params offer every objective the model has
+
+
+def test_cae_switches_reach_the_model(tmp_path, one_thread):
+    """align_weight and regressor_block (CAE's choices, switches because the MAM2 paper confirms neither)
+    build the model they name and log the alignment loss."""
+    write_stores(tmp_path / "data", clips=2, frames=4, size=16)
+    params = tiny_params(align_weight=2.0, regressor_block="cae", sample_clips=0,
+                         train={"steps": 2, "log_every": 1})
+    pretrain(tmp_path, params)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert np.isfinite(metrics["loss_align"]) and metrics["loss_align"] > 0
+    full = torch.load(tmp_path / "artifacts" / "model.pt", weights_only=True)
+    assert full["params"]["regressor_block"] == "cae" and full["params"]["align_weight"] == 2.0
+    assert Params().regressor_block == "prenorm" and Params().align_weight == 0.0  # pending an ablation
+    with pytest.raises(ParamsError, match="pretrain.regressor_block"):
+        validate_section({"pretrain": {"regressor_block": "postnorm"}}, "pretrain", Params)
 
 
 def cli(root: Path, *prefix: str, extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess:

@@ -14,6 +14,7 @@ from pipeline.classify.data import (
     TrainClips,
     crop_origin,
     labelled_rows,
+    random_erase,
     random_resized_box,
     store_info,
     window_start,
@@ -92,6 +93,74 @@ def test_rand_augment_is_seeded_and_shared_by_all_frames(store):
     assert torch.equal(first, augmented[(0, 5)]["clip"])
     changed = [not torch.equal(augmented[(0, s)]["clip"], plain[(0, s)]["clip"]) for s in range(6)]
     assert any(changed)
+
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def erased_box(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """(T, H, W) bool: where `after` differs from `before` in any channel."""
+    return (after != before).any(dim=0)
+
+
+def test_random_erasing_off_leaves_clips_unchanged(store):
+    clip = torch.rand(3, 4, 32, 32)
+    assert random_erase(clip, 0.0, np.random.default_rng(0)) is clip
+    plain = TrainClips(store, "train", ClipSpec(4, 1, 24))
+    off = TrainClips(store, "train", ClipSpec(4, 1, 24), random_erasing=0.0, norm=IMAGENET)
+    for seed in range(4):
+        assert torch.equal(plain[(1, seed)]["clip"], off[(1, seed)]["clip"])
+    with pytest.raises(ValueError, match="probability"):
+        TrainClips(store, "train", ClipSpec(4, 1, 24), random_erasing=1.5)
+
+
+def test_random_erasing_one_box_the_same_in_every_frame():
+    """VideoMAE's video erasing: one box per clip at the same place in every frame, inside the frame and
+    smaller than it, covering 2%-33% of it; fresh noise in each frame; the input is not changed."""
+    clip = torch.full((3, 4, 40, 48), 0.5)
+    areas = []
+    for seed in range(50):
+        out = random_erase(clip, 1.0, np.random.default_rng(seed))
+        assert torch.equal(clip, torch.full_like(clip, 0.5))
+        box = erased_box(clip, out)
+        assert all(torch.equal(box[0], box[t]) for t in range(1, 4))
+        rows, cols = box[0].any(dim=1).nonzero().flatten(), box[0].any(dim=0).nonzero().flatten()
+        h, w = len(rows), len(cols)
+        assert 0 < h < 40 and 0 < w < 48
+        assert rows[-1] - rows[0] + 1 == h and cols[-1] - cols[0] + 1 == w  # contiguous ...
+        assert int(box[0].sum()) == h * w  # ... and a full rectangle
+        assert not torch.equal(out[:, 0][:, box[0]], out[:, 1][:, box[0]])  # per-frame noise
+        areas.append(h * w / (40 * 48))
+    assert 0.015 <= min(areas) and max(areas) <= 0.36 and max(areas) > 0.15
+    seeded = [random_erase(clip, 1.0, np.random.default_rng(7)) for _ in range(2)]
+    assert torch.equal(*seeded)
+    hits = sum(not torch.equal(random_erase(clip, 0.25, np.random.default_rng(s)), clip) for s in range(400))
+    assert 70 <= hits <= 130  # probability 0.25
+
+
+def test_random_erasing_noise_is_standard_normal_after_input_normalisation(store):
+    """VideoMAE erases normalised clips with N(0, 1) pixels: our clips are normalised by the model, so
+    the noise is mean + std x N(0, 1) in [0, 1] units, N(0, 1) once the model normalises."""
+    mean, std = (torch.tensor(v).view(3, 1, 1, 1) for v in IMAGENET)
+    clip = torch.rand(3, 8, 64, 64)
+    values = []
+    for seed in range(20):
+        out = random_erase(clip, 1.0, np.random.default_rng(seed), mean=IMAGENET[0], std=IMAGENET[1])
+        box = erased_box(clip, out)
+        normalised = (out - mean) / std
+        values.append(normalised.permute(1, 2, 3, 0)[box].flatten())
+    values = torch.cat(values)
+    assert values.numel() > 50_000
+    assert abs(float(values.mean())) < 0.02 and abs(float(values.std()) - 1) < 0.02
+    # through the dataset: erased clips leave [0, 1], the same box in each of their frames
+    data = TrainClips(store, "train", ClipSpec(4, 1, 32), scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                      random_erasing=1.0, norm=IMAGENET)
+    plain = TrainClips(store, "train", ClipSpec(4, 1, 32), scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    erased, clean = data[(2, 3)]["clip"], plain[(2, 3)]["clip"]
+    assert torch.equal(erased, data[(2, 3)]["clip"])  # seeded
+    assert float(erased.min()) < 0 or float(erased.max()) > 1
+    box = erased_box(clean, erased)
+    assert box.any() and all(torch.equal(box[0], box[t]) for t in range(1, 4))
 
 
 def test_eval_views_are_exact_crops_of_the_stored_frames(store):
