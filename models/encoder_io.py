@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from models.checkpoint_io import CheckpointError, read_weights
 from models.video_vit import VideoViT, build_encoder
 
 FORMAT = "mam2.encoder"
@@ -38,12 +39,12 @@ def save_encoder(encoder: VideoViT, config: dict[str, Any], path: Path | str,
 def load_encoder(path: Path | str, **overrides: Any) -> tuple[VideoViT, dict[str, Any]]:
     """Rebuild the encoder saved at `path`; `overrides` change build kwargs (e.g. num_frames,
     img_size, drop_path_rate): the 3-D sin-cos position table is regenerated for the new grid."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"encoder checkpoint not found: {path}")
     try:
-        state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as err:
-        raise EncoderCheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+        state = read_weights(path)
+    except CheckpointError as err:
+        raise EncoderCheckpointError(str(err)) from err
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise EncoderCheckpointError(f"{path}: not a mam2 encoder checkpoint (format {FORMAT!r})")
     config = {**state["config"], **overrides}
@@ -59,5 +60,5 @@ def load_encoder(path: Path | str, **overrides: Any) -> tuple[VideoViT, dict[str
 
 def encoder_input_norm(path: Path | str) -> str:
     """The input normalisation the encoder saved at `path` was trained with ("none" for older files)."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    state = read_weights(path)
     return str(state.get("input_norm", "none")) if isinstance(state, dict) else "none"

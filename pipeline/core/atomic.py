@@ -1,8 +1,10 @@
 """Atomic outputs: build an output in a temporary sibling, then rename it into place.
 
 A stage killed at any moment leaves either the previous complete output or no output, never a
-half-written one. The temporary sibling has a fixed name (`.<name>.partial`) so a stage that can
-resume finds its partial work on the next run; one that cannot simply starts it afresh.
+half-written one. A directory output's temporary sibling has a fixed name (`.<name>.partial`) so a
+stage that can resume finds its partial work on the next run (the stage's outputs lock,
+pipeline.core.locks, keeps a second run out of it); a file's temporary name is unique to the process
+and thread, so two writers of one file never write into each other's temporary.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ import contextlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from pipeline.core.processes import process_alive
 
 
 def partial_path(final: Path | str) -> Path:
@@ -60,7 +65,12 @@ def atomic_dir(final: Path | str, *, resume: bool = False) -> Iterator[Path]:
     if tmp.exists() and not resume:
         remove_path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:
+        if not resume:  # nothing to resume from: leave no debris beside the output
+            remove_path(tmp)
+        raise
     commit(tmp, final)
 
 
@@ -69,7 +79,8 @@ def atomic_file(final: Path | str) -> Iterator[Path]:
     """Yield a temporary file path that becomes `final` when the block exits without error."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(final)
+    _sweep_dead_writers(final)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     remove_path(tmp)
     try:
         yield tmp
@@ -77,6 +88,18 @@ def atomic_file(final: Path | str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             remove_path(tmp)
+
+
+def _sweep_dead_writers(final: Path) -> None:
+    """Delete temporaries of `final` left by killed processes (their pid is in the name)."""
+    for stale in final.parent.glob(f".{final.name}.*.tmp"):
+        pid = stale.name[len(final.name) + 2:].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                remove_path(stale)
+
+
+    return True
 
 
 def write_json(path: Path | str, data: Any) -> Path:

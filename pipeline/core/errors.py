@@ -17,3 +17,9 @@ def require(path: Path | str, what: str, made_by: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found: {path} (run `mam2 {made_by}` first)")
     return path
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed (disk full, read-only, no permission): a system error that fails the
+    stage, never a bad input to skip. Built as `OutputWriteError(errno, strerror, filename)` so it
+    crosses process boundaries intact."""

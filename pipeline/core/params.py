@@ -87,6 +87,29 @@ class Paths(StageParams):
 M = TypeVar("M", bound=BaseModel)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key written twice in one mapping (YAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML safely (no Python objects), refusing duplicate keys."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_params_file(path: Path | str = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
     """Read a params YAML file into a dict of sections; a missing file gives an empty dict."""
     path = Path(path)
@@ -95,9 +118,11 @@ def read_params_file(path: Path | str = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
             return {}
         raise ParamsError(f"params file not found: {path}")
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from err
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from err
+    except (OSError, UnicodeDecodeError) as err:
+        raise ParamsError(f"{path}: cannot read it ({err})") from err
     if not isinstance(doc, dict):
         raise ParamsError(f"{path}: expected a mapping of sections, got {type(doc).__name__}")
     for section, body in doc.items():

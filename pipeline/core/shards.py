@@ -18,17 +18,16 @@ directory and merges them at the end) works in three steps, all on the stage's p
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import inspect
 import json
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, TypeVar
 
 from pipeline.core.atomic import atomic_file, remove_path, write_json
+from pipeline.core.locks import file_lock
 
 T = TypeVar("T")
 PROGRESS_DIR = "_progress"
@@ -83,24 +82,6 @@ def supports_shards(module: ModuleType) -> bool:
     """Whether a stage module's `run_from_paths` takes a `shard` argument (`mam2 <stage> --shard i/n`)."""
     entry = getattr(module, "run_from_paths", None)
     return entry is not None and "shard" in inspect.signature(entry).parameters
-
-
-@contextlib.contextmanager
-def file_lock(path: Path | str) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created if missing) for the block.
-
-    flock locks belong to an open file, so this serialises threads of one process as well as
-    processes (also over NFSv4); the lock is released when the process dies, so a killed holder
-    never leaves a stale lock behind.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing the file releases the lock
 
 
 def lock_path(partial: Path) -> Path:

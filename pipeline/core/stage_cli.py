@@ -3,8 +3,10 @@
 Every stage module provides `Params` (its `params.yaml` section) and `run_from_paths(params, paths)`,
 which maps the `paths` section onto the stage's `run()`; its `__main__` block hands the module to
 `main` below (`mam2 <name>` does the same through `pipeline.orchestrate.cli`). Params are validated
-before any work; a bad key, a stage's own `StageError` and a missing input print one clear message
-and exit non-zero.
+before any work; a bad key, a stage's own `StageError`, a missing input and a system error (disk
+full, read-only, permission: any OSError) print one clear line and exit non-zero. Each run holds its
+stage's outputs lock (`pipeline.core.locks`) from start to commit, so a second run beside it is
+refused at once; SIGTERM ends a run as an error (its temporaries cleaned, its MLflow run KILLED).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from types import ModuleType
 
 from pipeline.core.errors import StageError
+from pipeline.core.locks import output_lock, output_lock_path
 from pipeline.core.mlflow_runs import mlflow_run
 from pipeline.core.params import (
     DEFAULT_PARAMS_FILE,
@@ -121,17 +125,43 @@ def main(module: ModuleType, argv: list[str] | None = None) -> int:
         return USAGE_EXIT_CODE
     if shard is not None:
         tags["shard"] = str(shard)
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     run = mlflow_run(name, params, tags=tags) if main_rank else contextlib.nullcontext()
+    # One run of a stage's outputs at a time; under torchrun the ranks are one run (rank 0 locks).
+    lock = (output_lock(output_lock_path(paths.runs, lock_name(name, params)), shared=shard is not None)
+            if main_rank else contextlib.nullcontext())
     try:
-        with run:
+        with lock, run:
             outputs = (module.run_from_paths(params, paths, shard=shard) if shard is not None
                        else module.run_from_paths(params, paths))
-    except (StageError, FileNotFoundError) as err:
-        print(f"mam2 {name}: error: {err}", file=sys.stderr)
+    except (StageError, OSError) as err:
+        print(f"mam2 {name}: error: {describe_error(err)}", file=sys.stderr)
         return ERROR_EXIT_CODE
     log.info("%s%s done: %s", name, f" shard {shard}" if shard else "",
              ", ".join(str(p) for p in _as_list(outputs)))
     return 0
+
+
+def lock_name(name: str, params: object) -> str:
+    """The outputs a run writes: the stage's, or one source's for the per-source stages
+    (`pseudo_labels@motion_gt` and `pseudo_labels@clips` write different outputs)."""
+    source = getattr(params, "source", None)
+    return f"{name}@{source}" if source else name
+
+
+def describe_error(err: BaseException) -> str:
+    """One line for a user: a system error's reason and path (`No space left on device:
+    data/clips.zarr/...`), or the stage's own message."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.strerror:
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror}{where} (a system error; the stage failed)"
+    if isinstance(err, FileNotFoundError) and err.strerror and err.filename:
+        return f"{err.strerror}: {err.filename}"
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _as_list(outputs: object) -> list:

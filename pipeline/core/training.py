@@ -238,7 +238,7 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, params: TrainPara
     dtype = autocast_dtype(params, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     run_dir = Path(run_dir)
-    start = _resume(run_dir, model, optimizer, scaler, params, fingerprint, place)
+    start, history = _resume(run_dir, model, optimizer, scaler, params, fingerprint, place)
     wrapped = _wrap(model, params, place, find_unused_parameters)
     sampler = SeededBatchSampler(len(dataset), params, place, start)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=params.workers,
@@ -247,7 +247,7 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, params: TrainPara
                         persistent_workers=params.workers > 0,
                         # its own generator, so building the loader leaves the global RNG alone
                         generator=torch.Generator().manual_seed(params.seed))
-    result = TrainResult(model, step=start)
+    result = TrainResult(model, history=history, step=start)  # the resumed run's rows, then ours
     stop = min(params.steps, start + params.stop_after) if params.stop_after else params.steps
     batches = iter(loader)
     wrapped.train()
@@ -258,9 +258,9 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, params: TrainPara
             for group in optimizer.param_groups:
                 group["lr"] = params.learning_rate() * lr_factor(step, params) * group.get("lr_scale", 1.0)
             logs = _step(wrapped, batches, loss_fn, optimizer, scaler, params, device, dtype, place, step)
-            if not math.isfinite(logs["loss"]):
-                raise StageError(f"loss became {logs['loss']} at step {step}; stopped. The last good "
-                                 f"checkpoint is in {run_dir} (lower train.base_lr or check the data)")
+            if "non_finite" in logs:
+                raise StageError(f"{logs['non_finite']} at step {step}; stopped before the optimiser "
+                                 f"step. {_last_good(run_dir)} (lower train.base_lr or check the data)")
             update(1)
             done = step + 1
             if done % params.log_every == 0 or done == stop:
@@ -278,7 +278,11 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, params: TrainPara
                         log.info("step %d/%d  loss %.4g  %.1f %ss/s", done, params.steps, logs["loss"],
                                  rate, unit)
             if done % params.checkpoint_every == 0 or done == stop:
-                save_checkpoint(run_dir, model, optimizer, scaler, params, fingerprint, done, place)
+                if not weights_finite(model):
+                    raise StageError(f"the weights became non-finite by step {done}; not saved. "
+                                     f"{_last_good(run_dir)} (lower train.base_lr)")
+                save_checkpoint(run_dir, model, optimizer, scaler, params, fingerprint, done, place,
+                                result.history)
     result.step = stop
     result.completed = stop == params.steps
     if place.world > 1:
@@ -300,7 +304,7 @@ def _step(model: nn.Module, batches: Iterator, loss_fn: LossFn, optimizer: torch
             out = loss_fn(model, batch)
         loss = out["loss"]
         if not torch.isfinite(_global_flag(loss.detach(), place)):
-            return {"loss": float("nan")}
+            return {"loss": float("nan"), "non_finite": f"the loss became {float(loss.detach())}"}
         with context:
             scaler.scale(loss / params.accumulation).backward()
         for key, value in out.items():
@@ -309,9 +313,38 @@ def _step(model: nn.Module, batches: Iterator, loss_fn: LossFn, optimizer: torch
     if params.clip_grad:
         scaler.unscale_(optimizer)
         totals["grad_norm"] = float(nn.utils.clip_grad_norm_(model.parameters(), params.clip_grad))
+        grad_ok = math.isfinite(totals["grad_norm"])
+    else:
+        grad_ok = grads_finite(model)
+    # With fp16 loss scaling an overflow is routine (the scaler skips that step and lowers the scale);
+    # otherwise a non-finite gradient would poison the weights and the optimiser's moments.
+    if not scaler.is_enabled() and not bool(_global_flag(torch.tensor(0.0 if grad_ok else float("nan")),
+                                                          place).isfinite()):
+        return {**totals, "non_finite": "a gradient became non-finite"}
     scaler.step(optimizer)
     scaler.update()
     return _mean_over_ranks(totals, place)
+
+
+def grads_finite(model: nn.Module) -> bool:
+    """Whether every gradient is finite (one fused reduction, not one sync per tensor)."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """Whether every parameter and buffer of `model` is finite (checked before each save)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+
+
+def _last_good(run_dir: Path) -> str:
+    """Where a stopped run's last good checkpoint is, if it saved one."""
+    path = run_dir / CHECKPOINT
+    if path.exists():
+        step = torch.load(path, map_location="cpu", weights_only=True).get("step")
+        return f"The last good checkpoint (step {step}) is {path}"
+    return "No checkpoint was saved before it"
 
 
 def _global_flag(loss: torch.Tensor, place: Dist) -> torch.Tensor:
@@ -403,15 +436,18 @@ def write_history(history: list[dict[str, float]], path: Path) -> Path:
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scaler: torch.amp.GradScaler, params: TrainParams, fingerprint: str, step: int,
-                    place: Dist) -> None:
-    """Rank 0 writes everything an exact resume needs, atomically."""
+                    place: Dist, history: list[dict[str, float]] | None = None) -> None:
+    """Rank 0 writes everything an exact resume needs, atomically: with the logged history, so a
+    resumed run's history and metrics equal an uninterrupted run's."""
     if not place.is_main:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
              "train_params": params.resume_identity(),
-             "fingerprint": fingerprint}
+             "fingerprint": fingerprint,
+             "history": [{k: v if isinstance(v, int) else float(v) for k, v in row.items()}
+                         for row in history or []]}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     with atomic_file(run_dir / CHECKPOINT) as tmp:
@@ -419,17 +455,19 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def _resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, params: TrainParams, fingerprint: str, place: Dist) -> int:
-    """Load the checkpoint in `run_dir` when it belongs to this run; return the step to start at."""
+            scaler: torch.amp.GradScaler, params: TrainParams, fingerprint: str, place: Dist
+            ) -> tuple[int, list[dict[str, float]]]:
+    """Load the checkpoint in `run_dir` when it belongs to this run; return the step to start at and
+    the history logged up to it."""
     path = run_dir / CHECKPOINT
     if not path.exists():
-        return 0
+        return 0, []
     state = torch.load(path, map_location="cpu", weights_only=True)
     same = (state.get("train_params") == params.resume_identity()
             and state.get("fingerprint") == fingerprint)
     if not same:
         log.warning("ignoring %s: it was made with other params; starting afresh", path)
-        return 0
+        return 0, []
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
@@ -438,4 +476,6 @@ def _resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     if place.is_main:
         log.info("resuming from %s at step %d", path, state["step"])
-    return int(state["step"])
+    step = int(state["step"])
+    history = [row for row in state.get("history", []) if row.get("step", 0) <= step]
+    return step, history

@@ -3,7 +3,10 @@
 decord reads most files fast and seeks to the frames we need. What decord cannot read (AV1, some
 WebM) goes through the ffmpeg binary via ffmpeg-python, streaming frames through a pipe so memory
 holds one clip at a time. Both paths scale with libswscale's bilinear filter, which is what decord
-uses internally, so the two backends give the same pixels.
+uses internally, so the two backends give the same pixels; both honour rotation metadata (ffmpeg
+rotates the frames itself, and the probe swaps width and height for a quarter turn to match).
+File names reach ffmpeg and ffprobe as `file:` URLs, so a name that starts with `-` or holds a
+`:` is never read as an option or a protocol.
 """
 
 from __future__ import annotations
@@ -49,6 +52,19 @@ def center_crop(frames: np.ndarray, size: int) -> np.ndarray:
     return frames[..., top:top + size, left:left + size, :]
 
 
+def ffmpeg_url(path: Path | str) -> str:
+    """`path` as ffmpeg's file protocol URL: never an option (`-report`) or another protocol."""
+    return f"file:{path}"
+
+
+def rotation_degrees(stream: dict) -> int:
+    """The display rotation of an ffprobe stream (side data, or the older `rotate` tag), 0 if none."""
+    for item in stream.get("side_data_list") or ():
+        if "rotation" in item:
+            return int(round(float(item["rotation"]))) % 360
+    return int(float((stream.get("tags") or {}).get("rotate", 0))) % 360
+
+
 def probe(path: Path, backend: str = "auto") -> VideoInfo:
     """Read a file's frame count, fps and size; raise VideoReadError saying why it is unreadable."""
     path = Path(path)
@@ -82,15 +98,17 @@ def _probe_decord(path: Path) -> VideoInfo:
 def _probe_ffmpeg(path: Path) -> VideoInfo:
     import ffmpeg
 
-    meta = ffmpeg.probe(str(path), count_packets=None, select_streams="v:0")
+    meta = ffmpeg.probe(ffmpeg_url(path), count_packets=None, select_streams="v:0")
     streams = meta.get("streams") or []
     if not streams:
         raise VideoReadError("no video stream")
     stream = streams[0]
     num, _, den = stream.get("avg_frame_rate", "0/1").partition("/")
     fps = float(num) / float(den or 1) if float(den or 1) else 0.0
-    return VideoInfo(int(stream.get("nb_read_packets", 0)), fps, int(stream["width"]),
-                     int(stream["height"]), "ffmpeg")
+    width, height = int(stream["width"]), int(stream["height"])
+    if rotation_degrees(stream) in (90, 270):  # ffmpeg hands out the frames turned upright
+        width, height = height, width
+    return VideoInfo(int(stream.get("nb_read_packets", 0)), fps, width, height, "ffmpeg")
 
 
 _PROBES = {"decord": _probe_decord, "ffmpeg": _probe_ffmpeg}
@@ -134,7 +152,7 @@ def _ffmpeg_clips(path: Path, clips: Sequence[Sequence[int]], width: int, height
     buffers: dict[int, np.ndarray] = {}
     filled = [0] * len(clips)
     next_clip = 0
-    process = (ffmpeg.input(str(path)).filter("scale", width, height, flags="bilinear")
+    process = (ffmpeg.input(ffmpeg_url(path)).filter("scale", width, height, flags="bilinear")
                .output("pipe:", format="rawvideo", pix_fmt="rgb24", vsync="passthrough")
                .global_args("-v", "error", "-nostdin")
                .run_async(pipe_stdout=True, pipe_stderr=True))
@@ -167,7 +185,7 @@ def write_mp4(path: Path, frames: Iterable[np.ndarray], *, fps: float, crf: int 
                "-s", f"{width}x{height}", "-r", str(fps), "-i", "-", "-c:v", "libx264",
                "-preset", "medium", "-crf", str(crf), "-pix_fmt", "yuv420p", "-threads", "1",
                "-fflags", "+bitexact", "-flags:v", "+bitexact", "-map_metadata", "-1",
-               "-f", "mp4", str(path)]
+               "-f", "mp4", ffmpeg_url(path)]
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         process.stdin.write(np.ascontiguousarray(first).tobytes())

@@ -50,6 +50,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field, RootModel, ValidationError
 
+from pipeline.core.locks import file_lock
 from pipeline.core.mlflow_runs import MlflowRun, mlflow_run
 from pipeline.core.params import (
     DEFAULT_PARAMS_FILE,
@@ -59,7 +60,7 @@ from pipeline.core.params import (
     params_hash,
 )
 from pipeline.core.registry import STAGES
-from pipeline.core.shards import Shard, file_lock, supports_shards
+from pipeline.core.shards import Shard, supports_shards
 from pipeline.core.stage_cli import USAGE_EXIT_CODE, run_tags
 from pipeline.orchestrate.stage_loader import load_stage, validate_all
 
@@ -427,15 +428,29 @@ def stage_task(stage: str, ctx: StageContext) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the flow
 
 
-def install_params(project: Path, params_file: str, log: Callable[[str], None]) -> Path:
-    """Make `params_file` the project's params.yaml, which DVC and the stages read."""
-    source, target = project / params_file, project / DEFAULT_PARAMS_FILE
-    if not source.exists():
-        raise ParamsError(f"params file not found: {source}")
+def params_source(project: Path, params_file: str) -> Path:
+    """`params_file` as a path inside the project: a YAML file there, never one outside it."""
+    source = (project / params_file).resolve()
+    if not source.is_relative_to(project.resolve()):
+        raise ParamsError(f"params_file: {params_file!r} is outside the project ({project})")
+    if source.suffix not in (".yaml", ".yml"):
+        raise ParamsError(f"params_file: {params_file!r} is not a .yaml file")
+    if not source.is_file():
+        raise ParamsError(f"params_file: not found: {params_file}")
+    return source
+
+
+def install_params(project: Path, source: Path, log: Callable[[str], None]) -> Path:
+    """Make the (validated) `source` the project's params.yaml, which DVC and the stages read; the
+    replaced file is kept as `.params.yaml.before-flow`."""
+    target = project / DEFAULT_PARAMS_FILE
     if source.resolve() != target.resolve() and (
             not target.exists() or source.read_bytes() != target.read_bytes()):
-        log(f"copying {params_file} over {DEFAULT_PARAMS_FILE}: DVC reads {DEFAULT_PARAMS_FILE}, "
-            f"so the params that ran are the ones dvc.lock records")
+        if target.exists():
+            shutil.copyfile(target, project / f".{DEFAULT_PARAMS_FILE}.before-flow")
+        log(f"copying {source.relative_to(project.resolve())} over {DEFAULT_PARAMS_FILE} (the old one "
+            f"is kept as .{DEFAULT_PARAMS_FILE}.before-flow): DVC reads {DEFAULT_PARAMS_FILE}, so the "
+            f"params that ran are the ones dvc.lock records")
         shutil.copyfile(source, target)
     return target
 
@@ -498,11 +513,12 @@ def mam2_flow(params_file: str = "params.yaml", first_stage: str | None = None,
                             retries=retries)
     project = Path.cwd()
     dvc_stages = read_dvc_stages(project)
-    params_path = install_params(project, settings.params_file, logger.warning)
     graph = upstream_graph(pipeline_stages(dvc_stages), dvc_stages)
     stages = select_stages(graph, settings.first_stage, settings.last_stage)
     sections = sorted({base_stage(name) for name in stages}, key=STAGES.index)
-    models = validate_all(params_path, sections)  # the sections of this run, before any work
+    source = params_source(project, settings.params_file)
+    models = validate_all(source, sections)  # the sections of this run, before any work or copy
+    params_path = install_params(project, source, logger.warning)
     if settings.dask_address:
         shard_runner(settings.dask_address, settings.shards)  # fail now if prefect-dask is missing
     logger.info("stages: %s", ", ".join(f"{s} (after {', '.join(sorted(graph[s] & set(stages)))})"

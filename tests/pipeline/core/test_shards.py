@@ -13,11 +13,11 @@ import pytest
 
 import stages.decode
 import stages.demo_data
+from pipeline.core.locks import file_lock
 from pipeline.core.shards import (
     ProgressMarkers,
     Shard,
     ShardError,
-    file_lock,
     finish_plan,
     lock_path,
     parse_shard,
@@ -78,7 +78,7 @@ def test_file_lock_excludes_other_processes(tmp_path):
     lock = tmp_path / "y.lock"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-         "from pipeline.core.shards import file_lock\n"
+         "from pipeline.core.locks import file_lock\n"
          "with file_lock(sys.argv[2]):\n print('held', flush=True); time.sleep(1.0)",
          str(REPO), str(lock)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

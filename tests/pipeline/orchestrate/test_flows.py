@@ -33,6 +33,7 @@ from pipeline.orchestrate.flows import (  # noqa: E402
     base_stage,
     expand_foreach,
     install_params,
+    params_source,
     pipeline_stages,
     read_dvc_stages,
     select_stages,
@@ -143,12 +144,26 @@ def test_install_params_copies_another_file_over_params_yaml(tmp_path):
     (tmp_path / "params.yaml").write_text("decode: {num_frames: 8}\n")
     (tmp_path / "exp.yaml").write_text("decode: {num_frames: 4}\n")
     messages: list[str] = []
-    install_params(tmp_path, "params.yaml", messages.append)
+    install_params(tmp_path, params_source(tmp_path, "params.yaml"), messages.append)
     assert messages == [] and "8" in (tmp_path / "params.yaml").read_text()
-    install_params(tmp_path, "exp.yaml", messages.append)
+    install_params(tmp_path, params_source(tmp_path, "exp.yaml"), messages.append)
     assert "4" in (tmp_path / "params.yaml").read_text() and "copying exp.yaml" in messages[0]
-    with pytest.raises(ParamsError, match="params file not found"):
-        install_params(tmp_path, "nope.yaml", messages.append)
+    assert "8" in (tmp_path / ".params.yaml.before-flow").read_text()  # the replaced file is kept
+    with pytest.raises(ParamsError, match="not found"):
+        params_source(tmp_path, "nope.yaml")
+
+
+def test_params_file_must_be_a_yaml_file_inside_the_project(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (tmp_path / "outside.yaml").write_text("decode: {}\n")
+    (project / "notes.txt").write_text("decode: {}\n")
+    with pytest.raises(ParamsError, match="outside the project"):
+        params_source(project, "../outside.yaml")
+    with pytest.raises(ParamsError, match="outside the project"):
+        params_source(project, "../../../etc/hostname")
+    with pytest.raises(ParamsError, match="not a .yaml file"):
+        params_source(project, "notes.txt")
 
 
 def test_serve_refuses_to_start_outside_the_project_or_without_a_server(tmp_path, monkeypatch,
