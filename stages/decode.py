@@ -2,7 +2,7 @@
 
 Input `paths.raw`: a folder (class sub-folders give labels, files at its top are unlabelled) or a
 manifest (CSV `path,label[,split]`, UCF101/HMDB51 split files, SSv2 JSON, Kinetics CSV).
-Output `paths.clips` (layout in DESIGN.md section 5) and `reports/decode.json`, which lists every
+Output `paths.clips` (layout in docs/design.md section 5) and `reports/decode.json`, which lists every
 skipped file with its reason. Each video gives `clips_per_video` evenly spaced clips of
 `num_frames` frames taken every `stride` frames (or at `target_fps`), short side resized to
 `store_size` and centre-cropped. Videos decode in worker processes that write their own chunks,

@@ -19,7 +19,6 @@ Outputs: `artifacts/finetune/` (classifier.pt, init_report.json), `metrics/finet
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -58,7 +57,6 @@ from pipeline.core.training import (
     init_distributed,
     stage_train_params,
     train,
-    whole_history,
     write_history,
 )
 
@@ -169,9 +167,7 @@ def run(params: Params, *, clips: Path, encoder: Path, artifacts: Path, run_dir:
     outputs = {"artifacts": artifacts, "metrics": metrics, "reports": reports}
     if not place.is_main:
         return outputs
-    # a resumed run logs only its own steps: keep the earlier runs' rows so history.csv is whole
-    history = whole_history(run_dir, result.history, json.dumps(
-        [key, train_params.resume_identity()], sort_keys=True))
+    history = result.history  # the whole run's, also after resumes (it travels in the checkpoint)
     if not result.completed:
         log.info("stopped after step %d of %d (train.stop_after); rerun to continue", result.step,
                  train_params.steps)

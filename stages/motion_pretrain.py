@@ -16,7 +16,6 @@ baseline), `reports/motion_pretrain/` (training curves). Training resumes from `
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -153,7 +152,8 @@ def obtain_flow_model(params: Params, run_dir: Path, reports: Path) -> torch.nn.
 
     fingerprint = work_fingerprint(params, "flow_model", "size", "flow_clip_frames", "flow_updates")
     result = train(model, dataset, loss_fn, params.flow_train, run_dir, fingerprint=fingerprint, unit="pair")
-    _keep_history(result.history, run_dir, reports / "flow_history.csv")
+    if result.history:
+        write_history(result.history, reports / "flow_history.csv")
     return result.model.cpu().eval()
 
 
@@ -179,7 +179,8 @@ def obtain_tracker(params: Params, run_dir: Path, reports: Path) -> PointTracker
     fingerprint = work_fingerprint(params, "size", "tracker_points", "tracker_iters", "visibility_weight")
     result = train(model, dataset, loss_fn, params.tracker_train, run_dir, fingerprint=fingerprint,
                    unit="window")
-    _keep_history(result.history, run_dir, reports / "tracker_history.csv")
+    if result.history:
+        write_history(result.history, reports / "tracker_history.csv")
     return result.model.cpu().eval()
 
 
@@ -193,16 +194,6 @@ def _load(loader, path: Path, name: str | None):
         return loader(path, name).eval()
     except CheckpointError as err:
         raise StageError(str(err)) from err
-
-
-def _keep_history(history: list[dict], run_dir: Path, report: Path) -> None:
-    """Save the curve beside the checkpoint (a rerun of a finished training logs nothing new) and
-    report it."""
-    kept = run_dir / "history.csv"
-    if history:
-        write_history(history, kept)
-    if kept.exists():
-        shutil.copyfile(kept, report)
 
 
 # ----------------------------------------------------------------------------------- evaluation

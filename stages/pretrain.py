@@ -15,7 +15,6 @@ Samples are f-grid-aligned crops at the input size, flips and temporal windows o
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -45,7 +44,6 @@ from pipeline.core.training import (
     stage_train_params,
     to_device,
     train,
-    whole_history,
     write_history,
 )
 from pipeline.data.pretrain_data import PretrainDataset, Sampling
@@ -145,8 +143,7 @@ def run(params: Params, *, clips: Path, targets: Path, tokenizer: Path, artifact
     outputs = {"artifacts": artifacts, "metrics": metrics, "reports": reports}
     if not place.is_main:
         return outputs
-    same_run = [work_fingerprint(params, dataset), train_params.resume_identity()]
-    history = whole_history(run_dir, result.history, json.dumps(same_run, sort_keys=True))
+    history = result.history  # the whole run's, also after resumes (it travels in the checkpoint)
     if not result.completed:
         log.info("stopped after step %d of %d (train.stop_after); rerun to continue", result.step,
                  train_params.steps)

@@ -2,7 +2,7 @@
 runs the VQGAN or decodes video.
 
 Inputs: `paths.clips` (clips.zarr) and the tokenizer stage's `artifacts/tokenizer/vqgan.pt`.
-Output `targets.zarr` beside the clips store, one chunk per clip, Blosc-zstd (DESIGN.md section 5):
+Output `targets.zarr` beside the clips store, one chunk per clip, Blosc-zstd (docs/design.md section 5):
 `codes` (N, T, H/f, W/f) int16, the VQGAN codes of every frame; `codes_flipped` (same shape), the codes
 of every horizontally mirrored frame `frame[:, ::-1]` (a mirrored frame's codes are not the mirrored
 codes, so a loader that flips needs these); `rgb_diff` (N, T-1, H, W, 3) int16, exactly

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from models.flow_io import load_flow_model
-from recipes.ship_flow import quick_check
+from recipes.ship import flow_check
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
@@ -20,7 +20,7 @@ def test_shipped_flow_model_reproduces_its_recorded_scores(one_thread):
     for key in ("command", "recipe", "commit", "steps", "device", "wall_seconds", "motion_gt"):
         assert key in provenance, key
     model = load_flow_model(CHECKPOINTS / "flow.pt").eval()
-    check = quick_check(model, provenance["check"]["flow_updates"])
+    check = flow_check(model, provenance["check"]["flow_updates"])
     assert check["epe"] == pytest.approx(provenance["check"]["epe"], rel=0.02)
     assert check["epe_zero_motion"] == pytest.approx(provenance["check"]["epe_zero_motion"], rel=1e-6)
     assert check["epe"] < check["epe_zero_motion"]

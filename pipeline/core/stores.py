@@ -1,4 +1,4 @@
-"""Zarr v3 layouts shared by the stages (DESIGN.md section 5).
+"""Zarr v3 layouts shared by the stages (docs/design.md section 5).
 
 `clips.zarr` holds decoded clips: `frames` (N, T, H, W, 3) uint8 with one chunk per clip,
 Blosc-zstd compressed, and per-clip `label`, `video`, `start`, `split`; the `videos` table maps

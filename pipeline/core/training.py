@@ -15,7 +15,6 @@ each see the same samples with the same augmentations, and a resumed run continu
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -32,7 +31,7 @@ from pydantic import BeforeValidator, Field
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from pipeline.core.atomic import atomic_file, write_json
+from pipeline.core.atomic import atomic_file
 from pipeline.core.errors import StageError
 from pipeline.core.mlflow_runs import current_run, system_metrics
 from pipeline.core.params import StageParams
@@ -393,23 +392,6 @@ def _wrap(model: nn.Module, params: TrainParams, place: Dist, find_unused: bool)
     if params.compile:
         wrapped = torch.compile(wrapped)
     return wrapped
-
-
-def whole_history(run_dir: Path, history: list[dict], key: str) -> list[dict]:
-    """This run's logged rows after those of the earlier runs it resumed (kept in `run_dir`).
-
-    A resumed run logs only its own steps, and a rerun of a finished run logs none; the rows of earlier
-    runs with the same settings (`key`) fill in the steps before this run's first.
-    """
-    path = run_dir / "history.json"
-    earlier = []
-    if path.exists():
-        saved = json.loads(path.read_text())
-        first = history[0]["step"] if history else float("inf")
-        earlier = [row for row in saved["rows"] if row["step"] < first] if saved.get("key") == key else []
-    rows = earlier + history
-    write_json(path, {"key": key, "rows": rows})
-    return rows
 
 
 # What the machine, not the run, decides (speed, memory): logged to MLflow, kept out of the files DVC

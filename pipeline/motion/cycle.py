@@ -3,7 +3,7 @@
 Refining a motion model on unlabelled video (Sun, Harley, Guibas 2024) keeps only the estimates
 that survive a cycle: run the model forward and backward in time and keep what agrees.
 
-Flow (DESIGN.md section 7): with f the flow 0 -> 1 and b the flow 1 -> 0, a pixel is kept when
+Flow (docs/design.md section 7): with f the flow 0 -> 1 and b the flow 1 -> 0, a pixel is kept when
 
 - `|f + warp(b, f)| < alpha (|f| + |warp(b, f)|) + beta` (forward and backward cancel),
 - `mean_c |I0 - warp(I1, f)| < colour` on images in [-0.5, 0.5] (colour constancy; the offset
