@@ -342,6 +342,7 @@ def write_outputs(model: VideoClassifier, views: ViewScores, summary: dict, hist
     mlrun.log_image(image, "finetune/confusion.png")
     mlrun.log_artifact(out["metrics"])
     mlrun.log_artifact(out["reports"], "finetune")
+    mlrun.log_model(out["artifacts"], "classifier", model_type="video-classifier", params=config)
 
 
 def predictions(views: ViewScores, class_names: list[str]) -> list[dict]:

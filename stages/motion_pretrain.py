@@ -116,6 +116,8 @@ def run(params: Params, *, motion_gt: Path, artifacts: Path, metrics: Path, repo
                "tracker_source": "checkpoint" if params.tracker_checkpoint else "trained"}
     current_run().log_metrics({f"val/{k}": v for k, v in results.items() if isinstance(v, float)})
     current_run().log_metrics({"time/flow_seconds": flow_seconds, "time/tracker_seconds": tracker_seconds})
+    current_run().log_model(artifacts / "flow.pt", "flow", model_type=params.flow_model)
+    current_run().log_model(artifacts / "tracker.pt", "tracker", model_type="point-tracker")
     write_json(metrics, results)
     log.info("motion_gt flow EPE %.3f px (zero motion %.3f); tracking error %.3f px (zero motion %.3f)",
              results["flow_epe"], results["flow_epe_zero_motion"], results["track_error_px"],

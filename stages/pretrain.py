@@ -158,8 +158,10 @@ def run(params: Params, *, clips: Path, targets: Path, tokenizer: Path, artifact
         write_history(history, tmp / "history.csv")
         for name, image in sample_images(model, dataset, params.sample_clips, tokenizer).items():
             save_png(image, tmp / name)
-    current_run().log_artifact(reports, "pretrain")
+    current_run().log_artifact(reports / "history.csv", "pretrain")  # the images are in samples/
     current_run().log_artifact(metrics)
+    current_run().log_model(artifacts / "encoder.pt", "encoder", model_type="video-vit-encoder",
+                            params=encoder_config(params))
     log.info("pretrain: %s", ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
     return outputs
 

@@ -153,6 +153,8 @@ def run(params: Params, *, motion_models: Path, train_labels: dict[str, Path], m
         write_json(metrics, summary)
         current_run().log_artifact(metrics)
         current_run().log_artifact(reports, "refine")
+        for target in params.targets:  # flow.pt and tracker.pt refined on that target's labels
+            current_run().log_model(artifacts / target, f"refined_{target}", model_type="flow+tracker")
     return outputs
 
 

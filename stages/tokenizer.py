@@ -163,6 +163,7 @@ def run(params: Params, *, clips: Path, artifacts: Path, metrics: Path, reports:
     mlrun.log_image(comparison_grid(frames, recon, params.grid_frames), "tokenizer/reconstructions.png")
     mlrun.log_artifact(metrics)
     mlrun.log_artifact(reports, "tokenizer")
+    mlrun.log_model(artifacts / "vqgan.pt", "vqgan", model_type="vqgan-tokenizer")
     log.info("tokenizer (%s): held-out PSNR %.2f dB (mean frame %.2f dB), %.0f%% of %d codes used, "
              "perplexity %.1f", source, summary["psnr"], summary["baseline_psnr"],
              100 * summary["codebook_usage"], model.codebook_size, summary["perplexity"])

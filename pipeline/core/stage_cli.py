@@ -126,6 +126,7 @@ def main(module: ModuleType, argv: list[str] | None = None) -> int:
     if shard is not None:
         tags["shard"] = str(shard)
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    tags["mam2.runs"] = str(paths.runs.resolve())  # a resumed run continues its MLflow run only there
     run = mlflow_run(name, params, tags=tags) if main_rank else contextlib.nullcontext()
     # One run of a stage's outputs at a time; under torchrun the ranks are one run (rank 0 locks).
     lock = (output_lock(output_lock_path(paths.runs, lock_name(name, params)), shared=shard is not None)
@@ -150,14 +151,14 @@ def lock_name(name: str, params: object) -> str:
 
 
 def describe_error(err: BaseException) -> str:
-    """One line for a user: a system error's reason and path (`No space left on device:
+    """What a user reads: a system error's reason and path in one line (`No space left on device:
     data/clips.zarr/...`), or the stage's own message."""
     if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.strerror:
         where = f": {err.filename}" if err.filename else ""
         return f"{err.strerror}{where} (a system error; the stage failed)"
     if isinstance(err, FileNotFoundError) and err.strerror and err.filename:
         return f"{err.strerror}: {err.filename}"
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return str(err).strip() or type(err).__name__  # a stage's own message (it may list the bad inputs)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

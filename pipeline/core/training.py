@@ -260,7 +260,7 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, params: TrainPara
             if "non_finite" in logs:
                 raise StageError(f"{logs['non_finite']} at step {step}; stopped before the optimiser "
                                  f"step. {_last_good(run_dir)} (lower train.base_lr or check the data)")
-            update(1)
+            update(1, loss=logs["loss"])
             done = step + 1
             if done % params.log_every == 0 or done == stop:
                 elapsed = time.perf_counter() - tick
@@ -284,6 +284,8 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, params: TrainPara
                                 result.history)
     result.step = stop
     result.completed = stop == params.steps
+    if place.is_main and not result.completed:
+        current_run().mark_incomplete()  # the next run of the stage continues this MLflow run
     if place.world > 1:
         dist.barrier()
     return result

@@ -1,8 +1,8 @@
 """The `mam2` command: `mam2 <stage> [--params FILE] [--set section.key=value ...]` and the other commands.
 
 `mam2 <stage>` runs the stage's command line (`pipeline.core.stage_cli`, the same as
-`python -m stages.<stage>`); `check-params`, `serve`, `runs` and `experiment` are listed by `mam2
---help`. Stage modules are imported only when needed (their imports are slow).
+`python -m stages.<stage>`); `check-params`, `pipeline`, `serve`, `runs` and `experiment` are listed
+by `mam2 --help`. Stage modules are imported only when needed (their imports are slow).
 """
 
 from __future__ import annotations
@@ -23,6 +23,12 @@ def _serve(argv: list[str]) -> int:
     return serve_main(argv)
 
 
+def _pipeline(argv: list[str]) -> int:
+    from pipeline.orchestrate.pipeline_cli import main as pipeline_main
+
+    return pipeline_main(argv)
+
+
 def _experiment(argv: list[str]) -> int:
     from pipeline.orchestrate.experiment import main as experiment_main
 
@@ -37,6 +43,8 @@ def _runs(argv: list[str]) -> int:
 
 COMMANDS = {
     "check-params": ("validate every section of a params file", None),
+    "pipeline": ("run the Prefect flow here or as the served deployment; a failure names the stage "
+                 "and its error (mam2 pipeline --help)", _pipeline),
     "serve": ("serve the Prefect deployment mam2/full (mam2 serve --help)", _serve),
     "runs": ("table of MLflow runs and their key metrics (mam2 runs --help)", _runs),
     "experiment": ("run a named experiment (mam2 experiment mam2-vs-videomae --help)", _experiment),

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import graphlib
+import inspect
 import json
 import os
 import re
@@ -41,19 +42,20 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import Field, RootModel, ValidationError
+from pydantic import BaseModel, Field, RootModel, ValidationError
 
 from pipeline.core.locks import file_lock
 from pipeline.core.mlflow_runs import MlflowRun, mlflow_run
 from pipeline.core.params import (
     DEFAULT_PARAMS_FILE,
+    LabelSource,
     ParamsError,
     StageParams,
     format_validation_error,
@@ -71,23 +73,51 @@ DVC_LOCK = Path(".dvc/tmp/mam2-flow.lock")
 DVC_BUSY = ("Unable to acquire lock", "is busy")  # another DVC command (not ours) holds the repo
 
 
-class FlowParams(StageParams):
-    """The flow's parameters, validated before any work and logged on the parent MLflow run."""
+PER_SOURCE_STAGES = ("pseudo_labels", "densify")  # dvc.yaml `foreach` stages, one per LabelSource
+# What first_stage/last_stage accept: a registry stage (all its dvc.yaml stages) or one dvc.yaml
+# stage as DVC names it (`pseudo_labels@motion_gt`); a test checks them against dvc.yaml.
+STAGE_CHOICES: tuple[str, ...] = tuple(
+    name for stage in STAGES
+    for name in (stage, *(f"{stage}@{source}" for source in get_args(LabelSource)
+                          if stage in PER_SOURCE_STAGES)))
+StageChoice = Literal[STAGE_CHOICES]  # type: ignore[valid-type]
+DvcMode = Literal["commit", "repro"]
 
-    params_file: str = Field("params.yaml", description="params file; DVC reads params.yaml, so "
-                             "another file is copied over it first (as `dvc exp run -S` edits it)")
-    first_stage: Literal[STAGES] | None = Field(None, description="run only this stage and "
-                                                "what follows it in the DAG")
-    last_stage: Literal[STAGES] | None = Field(None, description="run only this stage and "
-                                               "what it needs")
-    shards: int = Field(1, ge=1, description="shards of the stages that accept --shard")
+
+class FlowParams(StageParams):
+    """The flow's parameters, validated before any work and logged on the parent MLflow run. Their
+    descriptions are the flow's parameter descriptions in Prefect (`document_params`)."""
+
+    params_file: str = Field("params.yaml", description="params file inside the project; DVC reads "
+                             "params.yaml, so another file is copied over it first (as `dvc exp run "
+                             "-S` edits it)")
+    first_stage: StageChoice | None = Field(None, description="run only this stage and what follows "
+                                            "it in the DAG (a per-source stage alone: "
+                                            "pseudo_labels@motion_gt); empty: from the start")
+    last_stage: StageChoice | None = Field(None, description="run only this stage and what it needs "
+                                           "(densify@clips: that source only); empty: to the end")
+    shards: int = Field(1, ge=1, description="shards of the stages that accept --shard (decode, "
+                        "targets, pseudo_labels)")
     dask_address: str | None = Field(None, description="Dask scheduler for the shards "
-                                     "(needs prefect-dask); a local thread pool when null")
-    dvc_mode: Literal["commit", "repro"] = Field("commit", description="commit: stages run "
-                                                 "concurrently, DVC bookkeeping under a lock; "
-                                                 "repro: dvc repro per stage under the lock")
+                                     "(needs prefect-dask); a local thread pool when empty")
+    dvc_mode: DvcMode = Field("commit", description="commit: stages run concurrently, DVC "
+                              "bookkeeping (status, commit) under a lock; repro: dvc repro per "
+                              "stage under the lock, one stage at a time")
     retries: int = Field(RETRIES, ge=0, description="retries of the I/O stages (decode, targets, "
                          "pseudo_labels) and their shards")
+
+
+def document_params(model: type[BaseModel]):
+    """Append a Google-style `Args:` section made of `model`'s field descriptions to a flow
+    function's docstring: Prefect reads it for the deployment's parameter descriptions."""
+
+    def document(fn):
+        lines = [f"    {name}: {field.description}" for name, field in model.model_fields.items()
+                 if field.description]
+        fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\nArgs:\n" + "\n".join(lines)
+        return fn
+
+    return document
 
 
 class StageFailed(RuntimeError):
@@ -499,13 +529,16 @@ def collect(futures: dict[str, Any]) -> tuple[dict[str, dict], list[str]]:
 
 
 @flow(name="mam2", task_runner=ThreadPoolTaskRunner())
-def mam2_flow(params_file: str = "params.yaml", first_stage: str | None = None,
-              last_stage: str | None = None, shards: int = 1, dask_address: str | None = None,
-              dvc_mode: str = "commit", retries: int = RETRIES) -> dict[str, dict]:
+@document_params(FlowParams)
+def mam2_flow(params_file: str = "params.yaml", first_stage: StageChoice | None = None,
+              last_stage: StageChoice | None = None, shards: int = 1, dask_address: str | None = None,
+              dvc_mode: DvcMode = "commit", retries: int = RETRIES) -> dict[str, dict]:
     """The MAM2 pipeline: every stage of dvc.yaml that has a module, as a DAG, through DVC.
 
     Runs in the project root (where dvc.yaml is). `first_stage`/`last_stage` restrict it to the
-    stages on DAG paths between them; `shards` splits the stages that accept `--shard`.
+    stages on DAG paths between them; `shards` splits the stages that accept `--shard`. A failed
+    run fails with each failed stage's own error (`stage decode failed (exit code 1): mam2
+    decode: error: ...`), also logged as the run's last error.
     """
     logger = get_run_logger()
     settings = _flow_params(params_file=params_file, first_stage=first_stage, last_stage=last_stage,
@@ -532,6 +565,8 @@ def mam2_flow(params_file: str = "params.yaml", first_stage: str | None = None,
         parent.log_metrics({"flow/seconds": time.perf_counter() - start, "flow/stages_run": len(ran),
                             **{f"flow/{r['stage'].replace('@', '/')}_seconds": r["seconds"] for r in ran}})
         if errors:
+            # the run's last log line: `prefect deployment run --watch` and the UI show the reason
+            logger.error("pipeline failed: %s", "\n\n".join(errors))
             raise PipelineFailed("\n\n".join(errors))
     logger.info("done in %.1f s: ran %s; up to date: %s", time.perf_counter() - start,
                 ", ".join(r["stage"] for r in ran) or "none",

@@ -295,6 +295,19 @@ def test_failing_stage_fails_the_flow_with_the_stages_message(flow_repo):
     assert len(mlflow_runs(flow_repo)) == before, "invalid params fail before any work"
 
 
+@pytest.mark.slow
+def test_mam2_pipeline_prints_the_failed_stage_and_its_error(flow_repo, capsys):
+    from pipeline.orchestrate.pipeline_cli import main
+
+    params = yaml.safe_load((flow_repo / "params.yaml").read_text())
+    params["decode"]["num_frames"] = 30  # longer than every demo video
+    (flow_repo / "too_long.yaml").write_text(yaml.safe_dump(params))
+    assert main(["-p", "params_file=too_long.yaml", "-p", "last_stage=decode", "-p", "retries=0"]) == 1
+    err = capsys.readouterr().err
+    assert ("mam2 pipeline: error: stage decode failed (exit code 1):\n"
+            "mam2 decode: error: 4 of 4 videos could not be decoded") in err
+
+
 # ----------------------------------------------------------------------------- served
 
 

@@ -103,3 +103,52 @@ def test_only_rank_zero_opens_a_run(store, tmp_path, monkeypatch, make_video):
     assert newest.stage == "decode" and newest.objective == "videomae"
     assert newest.metrics["data/clips"] == 2
     assert (tmp_path / "rank1.zarr").exists() and (tmp_path / "rank0.zarr").exists()
+
+
+def test_each_stage_shows_its_headline_numbers_beside_their_baselines():
+    from pipeline.orchestrate.runs_table import headline_text
+
+    finetune = {"val/top1": 0.5, "val/top5": 0.875, "val/acc_zoom_in": 1.0, "val/acc_rotate_cw": 0.0,
+                "train/loss": 1.25, "data/classes": 8}
+    assert headline_text("finetune", finetune) == "top1=0.5  top5=0.875  train_loss=1.25"
+    assert headline_text("finetune", {**finetune, "val/top1_baseline": 0.125}).startswith(
+        "top1=0.5 (vs 0.125)  top5=0.875")
+    refine = {"val/clips/before/flow/cycle_consistent_fraction": 0.55,
+              "val/clips/after/flow/cycle_consistent_fraction": 0.66,
+              "val/motion_gt/before/flow/epe": 1.362, "val/motion_gt/after/flow/epe": 1.304,
+              "val/motion_gt/before/tracks_first/delta_avg": 0.2235,
+              "val/motion_gt/after/tracks_first/delta_avg": 0.2293}
+    assert headline_text("refine", refine) == "motion_gt_epe=1.362->1.304  motion_gt_delta_avg=0.2235->0.2293"
+    pretrain = {"train/loss": 4.79, "train/loss_appearance": 4.04, "train/loss_motion": 0.75,
+                "train/appearance_acc": 0.116, "train/appearance_acc_baseline": 0.08,
+                "train/motion_mse_baseline": 1.0, "train/lr": 1e-4}
+    assert headline_text("pretrain", pretrain) == ("loss=4.79  loss_appearance=4.04  appearance_acc=0.116 "
+                                                   "(vs 0.08)  motion_mse=0.75 (vs 1)")
+    tokenizer = {"val/psnr": 16.8, "val/baseline_psnr": 13.5, "val/codebook_usage": 0.95, "train/loss": 1}
+    assert headline_text("tokenizer", tokenizer) == "psnr=16.8 (vs 13.5)  codebook_usage=0.95"
+    motion = {"val/flow_epe": 0.9, "val/flow_epe_zero_motion": 2.5, "val/track_delta_avg": 0.4,
+              "val/track_delta_avg_zero_motion": 0.2, "val/flow_acc_1px": 0.6}
+    assert headline_text("motion_pretrain", motion) == ("flow_epe=0.9 (vs 2.5)  "
+                                                        "track_delta_avg=0.4 (vs 0.2)")
+    assert headline_text("refine", {"data/clips_flow_samples": 3}) is None, "failed early: no headline"
+    assert headline_text("decode", {"data/clips": 4}) is None
+
+
+def test_finetune_row_shows_top1_not_per_class_accuracies(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MAM2_MLFLOW", "1")
+    monkeypatch.delenv("MAM2_PARENT_RUN_ID", raising=False)
+    with mlflow_run("finetune", DecodeParams()) as run:
+        run.log_metrics({"val/acc_rotate_ccw": 0.0, "val/acc_zoom_in": 1.0, "val/top1": 0.1875,
+                         "val/top5": 0.8125})
+    table = format_table(fetch_runs(uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    assert "top1=0.1875  top5=0.8125" in table and "acc_" not in table
+
+
+def test_an_unknown_stage_is_a_one_line_error_listing_the_stages(store, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store["uri"])
+    assert main(["--stage", "finetun"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'finetun' is not a stage" in err
+    assert "finetune" in err and "pipeline" in err
