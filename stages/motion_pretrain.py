@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -29,10 +30,12 @@ from pydantic import Field
 from models.flow import CheckpointError, build_flow_model, estimate_flow, flow_sequence_loss
 from models.flow_io import load_flow_model, save_flow_model
 from models.tracker import (
+    TRACKER_FORMAT,
     PointTracker,
     TrackerConfig,
     load_tracker,
     save_tracker,
+    score_map_loss,
     track_sequence_loss,
     visibility_loss,
 )
@@ -82,7 +85,10 @@ class Params(StageParams):
     flow_updates: int = Field(8, ge=1, description="RAFT updates per training forward pass")
     tracker_points: int = Field(64, ge=1, description="tracks per training window (queried in frame 0)")
     tracker_iters: int = Field(4, ge=1, description="tracker updates per training forward pass")
-    visibility_weight: float = Field(0.1, ge=0, description="weight of the visibility cross-entropy")
+    # PIPs' training loss (its train.py): coordinates x 1 + balanced visibility BCE x 10 + score maps x 1.
+    visibility_weight: float = Field(10.0, ge=0, description="weight of the balanced visibility "
+                                     "cross-entropy (PIPs: 10)")
+    score_weight: float = Field(1.0, ge=0, description="weight of the score-map cross-entropy (PIPs: 1)")
     eval_flow_updates: int = Field(8, ge=1, description="RAFT updates when evaluating on motion_gt "
                                    "(refine's flow_updates, so this score is refine's 'before')")
     eval_tracker_iters: int = Field(6, ge=1, description="tracker updates when evaluating on motion_gt")
@@ -167,19 +173,22 @@ def obtain_tracker(params: Params, run_dir: Path, reports: Path) -> PointTracker
     model = PointTracker(TrackerConfig())
     dataset = SyntheticTrackWindows(params.size, model.config.window, params.tracker_points,
                                     length=params.tracker_train.steps * params.tracker_train.batch_size)
-    iters, vis_weight = params.tracker_iters, params.visibility_weight
+    iters, vis_weight, score_weight = params.tracker_iters, params.visibility_weight, params.score_weight
 
     def loss_fn(net: torch.nn.Module, batch: dict) -> dict[str, torch.Tensor]:
-        preds, vis = net(batch["video"], batch["tracks"][:, 0], iters=iters)
+        preds, vis, maps = net(batch["video"], batch["tracks"][:, 0], iters=iters, return_score_maps=True)
         coords = track_sequence_loss(preds, batch["tracks"], batch["valid"])
         visibility = visibility_loss(vis, batch["visible"])
+        scores = score_map_loss(maps, batch["tracks"], batch["visible"], batch["valid"])
         error = torch.linalg.vector_norm(preds[-1].detach() - batch["tracks"], dim=-1)
         error = (error * batch["valid"]).sum() / batch["valid"].sum().clamp(min=1)
-        return {"loss": coords + vis_weight * visibility, "coords": coords, "visibility": visibility,
-                "error_px": error}
+        return {"loss": coords + vis_weight * visibility + score_weight * scores, "coords": coords,
+                "visibility": visibility, "score_maps": scores, "error_px": error}
 
-    fingerprint = work_fingerprint(params, "size", "tracker_points", "tracker_iters", "visibility_weight")
-    result = train(model, dataset, loss_fn, params.tracker_train, run_dir, fingerprint=fingerprint,
+    # the architecture too: a checkpoint of another tracker design or size is not resumed from
+    key = fingerprint(work_fingerprint(params, "size", "tracker_points", "tracker_iters", "visibility_weight",
+                                       "score_weight"), TRACKER_FORMAT, asdict(model.config))
+    result = train(model, dataset, loss_fn, params.tracker_train, run_dir, fingerprint=key,
                    unit="window")
     if result.history:
         write_history(result.history, reports / "tracker_history.csv")

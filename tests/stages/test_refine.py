@@ -80,9 +80,9 @@ def workspace(tmp_path: Path) -> dict[str, Path]:
     torch.manual_seed(0)
     save_flow_model(build_flow_model("raft_small"), "raft_small", models / "flow.pt")
     tracker = PointTracker(TINY_TRACKER)
-    # an untrained tracker's zero-initialised update head predicts no motion, and densify drops
-    # motionless tracks as too easy: small random updates leave moving tracks to train on
-    torch.nn.init.normal_(tracker.delta_head.weight, std=0.05)
+    # an untrained tracker's zero-initialised update layer (the mixer's last) predicts no motion, and
+    # densify drops motionless tracks as too easy: small random updates leave moving tracks to train on
+    torch.nn.init.normal_(tracker.delta_block.to_delta[-1].weight, std=0.05)
     save_tracker(tracker, models / "tracker.pt")
     return {"root": tmp_path, "labels": labels, "gt_labels": gt_labels, "models": models}
 
