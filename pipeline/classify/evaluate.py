@@ -109,6 +109,10 @@ def confusion_image(matrix: np.ndarray, class_names: list[str]) -> np.ndarray:
     ax.set_yticks(ticks, class_names, fontsize=8)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
+    total = int(matrix.sum())
+    correct = int(np.trace(matrix))
+    ax.set_title(f"top-1 {correct / max(total, 1):.3f} ({correct}/{total} videos); colour: fraction of "
+                 f"the true class (row-normalised), numbers: counts", fontsize=8)
     if len(class_names) <= 30:  # counts stay legible up to about this many classes
         for (i, j), count in np.ndenumerate(matrix):
             ax.text(j, i, str(count), ha="center", va="center", fontsize=7,

@@ -96,6 +96,35 @@ def track_overlays(frames: np.ndarray, tracks: np.ndarray, visible: np.ndarray |
     return panels
 
 
+def color_wheel(max_magnitude: float, size: int) -> np.ndarray:
+    """The flow colour key: the colour of every vector up to `max_magnitude` px, as a size x size disc."""
+    grid = (np.arange(size) - (size - 1) / 2) / ((size - 1) / 2) * max_magnitude
+    flow = np.stack(np.meshgrid(grid, grid), axis=-1)
+    image = flow_to_color(flow, max_magnitude)
+    image[np.linalg.norm(flow, axis=-1) > max_magnitude] = 255
+    return image
+
+
+def labelled_panel(images: list[np.ndarray], titles: list[str]) -> np.ndarray:
+    """Images side by side, each titled, rendered as one (H, W, 3) uint8 image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    aspect = images[0].shape[0] / images[0].shape[1]
+    fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images), 2.2 * aspect + 0.4), dpi=100)
+    for axis, image, title in zip(np.atleast_1d(axes), images, titles, strict=True):
+        axis.imshow(image)
+        axis.set_title(title, fontsize=7)
+        axis.axis("off")
+    fig.tight_layout()
+    fig.canvas.draw()
+    out = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(fig)
+    return out
+
+
 def save_comparison(frames: np.ndarray, tracks: np.ndarray, visible: np.ndarray | None,
                     reference_flow: np.ndarray | None, flows: tuple, trackers: tuple, *, flow_updates: int,
                     tracker_iters: int, stem: Path) -> tuple[np.ndarray, Path, Path]:
@@ -112,7 +141,15 @@ def save_comparison(frames: np.ndarray, tracks: np.ndarray, visible: np.ndarray 
     preds = [predict_flow(m, pair[:1], pair[1:], flow_updates)[0].permute(1, 2, 0).numpy() for m in flows]
     fields = ([np.asarray(reference_flow[t])] if reference_flow is not None else []) + preds
     top = max(float(np.linalg.norm(f, axis=-1).max()) for f in fields)
-    panel = np.concatenate([frames[t], *(flow_to_color(f, top) for f in fields)], axis=1)
+    names = [f"frame {t}"] + (["ground truth"] if reference_flow is not None else [])
+    for name, pred in zip(("before", "after", *(f"model {i}" for i in range(2, len(preds)))), preds,
+                          strict=False):
+        if reference_flow is not None:
+            name += f" (EPE {np.linalg.norm(pred - reference_flow[t], axis=-1).mean():.2f} px)"
+        names.append(name)
+    colours = [flow_to_color(f, top) for f in fields]
+    panel = labelled_panel([frames[t], *colours, color_wheel(top, frames.shape[1])],
+                           [*names, f"colour key (radius {top:.1f} px)"])
     png, mp4 = stem.with_name(stem.name + "_flow.png"), stem.with_name(stem.name + "_tracks.mp4")
     save_png(panel, png)
     video = np.concatenate(track_overlays(frames, tracks, visible, trackers, tracker_iters), axis=2)
