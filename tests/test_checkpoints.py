@@ -1,5 +1,6 @@
 """The shipped starting models (checkpoints/): each loads, and reproduces the check scores recorded in
-its provenance JSON on the first motion_gt clips, beating zero motion by the recorded margin."""
+its provenance JSON (the motion models on the first motion_gt clips, the tokenizer on freshly
+rendered demo frames), beating its trivial baseline."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from models.flow_io import load_flow_model
-from recipes.ship import flow_check
+from models.vqgan import load_vqgan
+from recipes.ship import flow_check, tokenizer_check
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
@@ -24,3 +26,16 @@ def test_shipped_flow_model_reproduces_its_recorded_scores(one_thread):
     assert check["epe"] == pytest.approx(provenance["check"]["epe"], rel=0.02)
     assert check["epe_zero_motion"] == pytest.approx(provenance["check"]["epe_zero_motion"], rel=1e-6)
     assert check["epe"] < check["epe_zero_motion"]
+
+
+def test_shipped_tokenizer_reproduces_its_recorded_scores(one_thread):
+    provenance = json.loads((CHECKPOINTS / "vqgan.json").read_text())
+    assert (CHECKPOINTS / "vqgan.pt").stat().st_size <= 8 * 2**20, "shipped models stay under 8 MB"
+    for key in ("command", "recipe", "commit", "steps", "device", "wall_seconds", "held_out_demo_frames"):
+        assert key in provenance, key
+    held_out = provenance["held_out_demo_frames"]
+    assert held_out["codebook_usage"] >= 0.8 and held_out["psnr"] > held_out["baseline_psnr"] + 5
+    check = tokenizer_check(load_vqgan(CHECKPOINTS / "vqgan.pt").eval())
+    assert check["psnr"] == pytest.approx(provenance["check"]["psnr"], abs=0.05)
+    assert check["baseline_psnr"] == pytest.approx(provenance["check"]["baseline_psnr"], abs=1e-6)
+    assert check["psnr"] > check["baseline_psnr"] + 5
