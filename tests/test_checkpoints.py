@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from models.flow_io import load_flow_model
+from models.tracker import load_tracker
 from models.vqgan import load_vqgan
-from recipes.ship import flow_check, tokenizer_check
+from recipes.ship import flow_check, tokenizer_check, tracker_check
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
@@ -39,3 +40,14 @@ def test_shipped_tokenizer_reproduces_its_recorded_scores(one_thread):
     assert check["psnr"] == pytest.approx(provenance["check"]["psnr"], abs=0.05)
     assert check["baseline_psnr"] == pytest.approx(provenance["check"]["baseline_psnr"], abs=1e-6)
     assert check["psnr"] > check["baseline_psnr"] + 5
+
+
+def test_shipped_tracker_reproduces_its_recorded_scores(one_thread):
+    provenance = json.loads((CHECKPOINTS / "tracker.json").read_text())
+    assert (CHECKPOINTS / "tracker.pt").stat().st_size <= 8 * 2**20, "shipped models stay under 8 MB"
+    for key in ("command", "recipe", "commit", "steps", "device", "wall_seconds", "motion_gt"):
+        assert key in provenance, key
+    recorded = provenance["check"]
+    check = tracker_check(load_tracker(CHECKPOINTS / "tracker.pt").eval(), recorded["tracker_iters"])
+    assert check["delta_avg"] == pytest.approx(recorded["delta_avg"], abs=0.01)
+    assert check["delta_avg_zero_motion"] == pytest.approx(recorded["delta_avg_zero_motion"], abs=1e-6)
