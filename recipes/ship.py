@@ -195,16 +195,6 @@ def half_precision(obj):
     return obj
 
 
-def _tensors(obj) -> list:
-    if torch.is_tensor(obj):
-        return [obj]
-    if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _tensors(v)]
-    if isinstance(obj, list | tuple):
-        return [t for v in obj for t in _tensors(v)]
-    return []
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("model", choices=sorted(SHIPPABLE))
@@ -221,8 +211,10 @@ def main() -> int:
     out.mkdir(exist_ok=True)
     target = out / spec.artifact
     shutil.copyfile(run / "artifacts" / spec.stage / spec.artifact, target)
+    storage = "fp32"
     if target.stat().st_size > 8 * 2**20:  # fp16 storage; loading casts back to the model's fp32
         torch.save(half_precision(torch.load(target, map_location="cpu", weights_only=True)), target)
+        storage = "fp16"
     if target.stat().st_size > 8 * 2**20:
         raise SystemExit(f"{target} is {target.stat().st_size / 2**20:.1f} MB; shipped models stay <= 8 MB")
     model = spec.load(target)
@@ -233,8 +225,7 @@ def main() -> int:
         "recipe": section, "commit": commit.strip(), "steps": (train or {}).get("steps"),
         "device": args.device or f"CPU ({platform.processor() or platform.machine()})",
         "wall_seconds": round(args.seconds), "wall_note": "the whole recipe run: training and scoring",
-        "storage": "fp16" if any(t.dtype == torch.float16 for t in _tensors(torch.load(
-            target, map_location="cpu", weights_only=True))) else "fp32",
+        "storage": storage,
         **spec.scores(metrics), **spec.extra(model, section),
     }
     target.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")

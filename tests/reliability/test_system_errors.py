@@ -59,22 +59,16 @@ def test_a_write_error_fails_decode_instead_of_skipping_the_video(video_project,
 
 
 @needs_mounts
-def test_a_full_disk_fails_decode_with_one_line(video_project):
+@pytest.mark.parametrize(("mount", "reason"), [("size=96k", "No space left on device"),
+                                               ("ro,size=1m", "Read-only file system")],
+                         ids=["full disk", "read-only"])
+def test_an_unwritable_output_fails_decode_with_one_line(video_project, mount, reason):
     sets = (*decode_sets(video_project), f"paths.clips={video_project / 'out/clips.zarr'}")
-    result = in_namespace(video_project, "size=96k", stage_command("decode", *sets), stage_env())
+    result = in_namespace(video_project, mount, stage_command("decode", *sets), stage_env())
     lines = error_lines(result.stderr)
     assert result.returncode == 1 and len(lines) == 1, result.stderr
-    assert "No space left on device" in lines[0] and "clips.zarr" in lines[0]
+    assert reason in lines[0] and "clips.zarr" in lines[0]
     assert "Traceback" not in result.stderr
-
-
-@needs_mounts
-def test_a_read_only_output_fails_with_one_line(video_project):
-    sets = (*decode_sets(video_project), f"paths.clips={video_project / 'out/clips.zarr'}")
-    result = in_namespace(video_project, "ro,size=1m", stage_command("decode", *sets), stage_env())
-    lines = error_lines(result.stderr)
-    assert result.returncode == 1 and len(lines) == 1, result.stderr
-    assert "Read-only file system" in lines[0] and "Traceback" not in result.stderr
 
 
 @needs_mounts
