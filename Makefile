@@ -47,9 +47,10 @@ test-all: install
 	$(BIN)/python -m pytest -q
 
 # bench/flow_budget.py is a recipe study (hours on CPU, minutes on a GPU): run it by hand.
-BENCHES = decode loader pretrain_step targets pretrain_gpu
+BENCHES = decode loader pretrain_step pretrain_cpu targets pretrain_gpu
 bench: install
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
 
-clean:
-	rm -rf data artifacts runs reports metrics mlflow.db mlartifacts
+clean:  # DVC outputs and run state; metrics/ is tracked in git and stays
+	rm -rf data artifacts runs mlflow.db mlartifacts
+	git clean -fdXq reports

@@ -20,6 +20,8 @@ decay^(depth - i), and the patch embedding / position table lr x decay^(depth + 
 
 Checkpoints (``save_classifier`` / ``load_classifier``) hold {"format": "mam2.classifier", "config",
 "state_dict"}; the config rebuilds the encoder (``build_encoder`` kwargs), the head and the input norm.
+``load_classifier`` reads them through `models.checkpoint_io.read_weights`, so a safetensors export of one
+loads too.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.checkpoint_io import read_weights
 from models.video_vit import INPUT_NORMS, Grid, VideoViT, build_encoder, interpolate_pos_table
 
 FORMAT = "mam2.classifier"
@@ -173,8 +176,8 @@ def build_classifier_from_config(config: dict[str, Any], **encoder_overrides: An
 
 
 def load_classifier(path: Path | str) -> tuple[VideoClassifier, dict[str, Any]]:
-    """Rebuild a classifier saved by `save_classifier` (eval mode)."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    """Rebuild a classifier saved by `save_classifier` (or exported to safetensors; eval mode)."""
+    state = read_weights(path)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path}: not a mam2 classifier checkpoint (format {FORMAT!r})")
     model = build_classifier_from_config(state["config"])

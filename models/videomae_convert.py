@@ -22,6 +22,13 @@ Position table: VideoMAE uses a 1-D sin-cos table over the flattened (t h w) tok
 not stored) or a learnt one (stored). Its features were learnt with that table, so we keep it: the
 stored table, or the 1-D table regenerated for the source grid, is interpolated onto the fine-tuning
 grid (``interpolate_pos_table``) and installed as a `TablePosEmbed`.
+
+The other way (`videomae_encoder_state`, `videomae_classifier_state`): our encoder under the pre-trained
+layout's names, our classifier under the fine-tuned layout's, every weight as it is except the attention
+bias, split into ``q_bias`` / ``v_bias`` (our k bias is dropped: a bias added to every key shifts all of
+a query's attention logits alike, which the softmax ignores, so outputs agree to float rounding). Our
+position table is written as ``pos_embed`` (1, N, D), the table of the encoder's own grid (VideoMAE's
+learnt-table layout), so `load_videomae_encoder` at that clip size gives back the same function.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.checkpoint_io import read_weights
 from models.classifier import TablePosEmbed, VideoClassifier
 from models.video_vit import ENCODER_SIZES, Grid, VideoViT, build_encoder, grid_size, interpolate_pos_table
 
@@ -85,8 +93,7 @@ class ConversionReport:
 def read_videomae_state(source: Path | str | dict) -> dict[str, Tensor]:
     """The flat tensor dict of a VideoMAE checkpoint (a path or a loaded object), unwrapped from
     "model"/"module"/"state_dict" and stripped of a DDP "module." prefix."""
-    obj = (torch.load(Path(source), map_location="cpu", weights_only=True)
-           if not isinstance(source, dict) else source)
+    obj = read_weights(Path(source)) if not isinstance(source, dict) else source
     for wrapper in ("model", "module", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
@@ -260,6 +267,24 @@ def load_videomae_encoder(path: Path | str, *, img_size: int, num_frames: int, s
     return encoder, config, head, report
 
 
+def load_videomae_classifier(path: Path | str, *, img_size: int, num_frames: int, source_num_frames: int = 16,
+                             source_img_size: int = 224, num_heads: int | None = None,
+                             input_norm: str = "imagenet") -> tuple[VideoClassifier, dict[str, Any],
+                                                                     ConversionReport]:
+    """A classifier from a fine-tuned VideoMAE checkpoint (encoder, ``fc_norm`` and ``head``), in eval
+    mode: (classifier, its encoder's build config, report). A checkpoint without a head is refused."""
+    encoder, config, head, report = load_videomae_encoder(
+        path, img_size=img_size, num_frames=num_frames, source_num_frames=source_num_frames,
+        source_img_size=source_img_size, num_heads=num_heads)
+    if "head.weight" not in head:
+        raise VideoMAEConversionError(f"{path}: no classification head (head.weight); a pre-trained "
+                                      f"checkpoint holds an encoder only")
+    model = VideoClassifier(encoder, int(head["head.weight"].shape[0]), input_norm=input_norm,
+                            final_norm=not isinstance(encoder.norm, nn.Identity))
+    load_head(model, head, report)
+    return model.eval(), config, report
+
+
 def load_head(model: VideoClassifier, head: dict[str, Tensor], report: ConversionReport) -> None:
     """Copy a checkpoint's ``fc_norm`` into the classifier, and its ``head`` when the classes agree."""
     if "fc_norm.weight" in head and head["fc_norm.weight"].shape == model.fc_norm.weight.shape:
@@ -273,3 +298,56 @@ def load_head(model: VideoClassifier, head: dict[str, Tensor], report: Conversio
     else:
         report.notes.append(f"checkpoint head has {head['head.weight'].shape[0]} classes, the data "
                             f"{model.num_classes}: head initialised afresh")
+
+
+# ----------------------------------------------------------------------------- export (ours -> VideoMAE)
+def _videomae_key(key: str) -> str:
+    """VideoMAE's (prefix-free) name of one of our encoder keys: the inverse of `_our_name`."""
+    if key in ("patch_embed.weight", "patch_embed.bias"):
+        return key.replace("patch_embed.", "patch_embed.proj.")
+    m = re.match(r"(blocks\.\d+\.)ls([12])\.gamma$", key)
+    return f"{m.group(1)}gamma_{m.group(2)}" if m else key
+
+
+def videomae_encoder_state(encoder: VideoViT, *, prefix: str = "encoder."
+                           ) -> tuple[dict[str, Tensor], list[str]]:
+    """Our encoder's weights under VideoMAE's names (``prefix`` "encoder.": the pre-trained layout, "":
+    the fine-tuned one), with ``pos_embed`` (1, N, D) = the table of its own grid. Returns (state, notes
+    on what a VideoMAE user must know)."""
+    state: dict[str, Tensor] = {}
+    k_bias = 0.0
+    for key, value in encoder.state_dict().items():
+        if key.startswith("pos_embed."):
+            continue  # a stored table: written below for the encoder's grid, as every table is
+        if key.endswith(".attn.qkv.bias"):
+            q, k, v = value.detach().chunk(3)
+            k_bias = max(k_bias, float(k.abs().max()))
+            state[f"{prefix}{key[:-len('qkv.bias')]}q_bias"] = q.clone()
+            state[f"{prefix}{key[:-len('qkv.bias')]}v_bias"] = v.clone()
+            continue
+        state[prefix + _videomae_key(key)] = value.detach().clone()
+    with torch.no_grad():
+        state[prefix + "pos_embed"] = encoder.pos_embed(encoder.grid).detach().float().clone()[None]
+    notes = [f"pos_embed holds this encoder's position table for its grid {tuple(encoder.grid)} "
+             f"(VideoMAE's learnt-table layout, use_learnable_pos_emb); it is not VideoMAE's 1-D sin-cos "
+             f"table"]
+    if k_bias:
+        notes.append(f"the attention k bias is dropped (VideoMAE has none; max |k bias| {k_bias:.3g}): it "
+                     f"shifts every logit of a query alike, so outputs agree to float rounding")
+    return state, notes
+
+
+def videomae_classifier_state(model: VideoClassifier) -> tuple[dict[str, Tensor], list[str]]:
+    """Our classifier under VideoMAE's fine-tuned names: encoder keys without prefix, ``fc_norm.*``,
+    ``head.*`` and ``pos_embed``. Returns (state, notes)."""
+    state, notes = videomae_encoder_state(model.encoder, prefix="")
+    for key in HEAD_KEYS:
+        module, name = key.split(".")
+        state[key] = getattr(getattr(model, module), name).detach().clone()
+    if not isinstance(model.encoder.norm, nn.Identity):
+        notes.append("this classifier keeps the encoder's final norm before pooling (final_norm): "
+                     "load_videomae_encoder keeps it, VideoMAE's mean-pooling model has no place for it")
+    if model.input_norm != "imagenet":
+        notes.append(f"this classifier normalises its input with {model.input_norm!r}; VideoMAE's "
+                     f"pipelines normalise with ImageNet's statistics")
+    return state, notes

@@ -1,12 +1,15 @@
 """decode: turn a folder of videos or a manifest into fixed-size clips in `clips.zarr`.
 
-Input `paths.raw`: a folder (class sub-folders give labels, files at its top are unlabelled) or a
-manifest (CSV `path,label[,split]`, UCF101/HMDB51 split files, SSv2 JSON, Kinetics CSV).
+Input `paths.raw`: a folder (class sub-folders give labels, files at its top are unlabelled), a
+manifest (CSV `path,label[,split]`, UCF101/HMDB51 split files, SSv2 JSON, Kinetics CSV), or a set of
+manifests that keeps a dataset's official splits: a folder of split files, or the files named in
+`decode.manifests` (pipeline/data/manifest_sets.py).
 Output `paths.clips` (layout in docs/design.md section 5) and `reports/decode.json`, which lists every
 skipped file with its reason. Each video gives `clips_per_video` evenly spaced clips of
 `num_frames` frames taken every `stride` frames (or at `target_fps`), short side resized to
-`store_size` and centre-cropped. Videos decode in worker processes that write their own chunks,
-so memory stays flat however many videos there are. A killed run resumes where it stopped.
+`store_size` and centre-cropped. Videos decode in `workers` processes, this one and spawned helpers
+(pipeline/core/pools.py), each writing its own chunks, so memory stays flat however many videos
+there are. A killed run resumes where it stopped.
 `--shard i/n` decodes every n-th video into the shared partial store; the run without `--shard`
 afterwards commits it (pipeline/core/shards.py), giving the same store as one unsharded run.
 """
@@ -16,9 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
-from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Literal
 
@@ -32,10 +33,11 @@ from pipeline.core.errors import OutputWriteError, StageError
 from pipeline.core.fingerprint import fingerprint
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
-from pipeline.core.processes import die_with_parent
+from pipeline.core.pools import WorkerPool, run_jobs
 from pipeline.core.progress import progress, progress_bar
 from pipeline.core.shards import ProgressMarkers, Shard, finish_plan, plan_once
 from pipeline.core.stores import SPLITS, create_clips_store, write_clip_table
+from pipeline.data.manifest_sets import find_manifest_set, read_manifests
 from pipeline.data.manifests import MANIFEST_FORMATS, ManifestError, VideoEntry, parse_manifest, scan_folder
 from pipeline.data.video import VideoInfo, VideoReadError, probe, read_clips
 
@@ -50,11 +52,16 @@ class Params(StageParams):
     store_size: int = Field(128, ge=8, description="stored frames are store_size x store_size")
     val_fraction: float = Field(0.2, ge=0, lt=1, description="labelled videos per class held out "
                                 "for validation when the input gives no split")
-    workers: int = Field(2, ge=0, description="decoding processes (0: decode in this process)")
+    workers: int = Field(2, ge=0, description="decoding processes, this one included (0 or 1: "
+                         "decode in this process only)")
     max_failed_fraction: float = Field(0.5, ge=0, le=1, description="fail the stage when more "
                                        "inputs than this fraction cannot be decoded")
     manifest_format: Literal[MANIFEST_FORMATS] = Field("auto", description="format of a manifest input")
     video_root: Path | None = Field(None, description="folder that manifest paths are relative to")
+    manifests: list[Path] = Field([], description="manifest files read together, each video keeping "
+                                  "its split; relative names are in the folder `paths.raw`")
+    split_number: int = Field(1, ge=1, description="which official split a folder of UCF101 "
+                              "(trainlistNN/testlistNN) or HMDB51 (_test_splitN) files gives")
     backend: Literal["auto", "decord", "ffmpeg"] = Field("auto", description="video decoder")
     duplicates: Literal["refuse", "keep_first"] = Field(
         "refuse", description="a video listed twice (the same file, in one split or across "
@@ -83,7 +90,7 @@ def run(params: Params, *, videos: Path, clips: Path, report: Path,
     if not entries:
         raise StageError(f"no videos found in {videos}")
     tmp, signature = partial_path(clips), work_fingerprint(params, entries)
-    with _executor(params.workers) as pool:
+    with WorkerPool(params.workers) as pool:
         plan, resumed = plan_once(tmp, signature, lambda store_dir: _plan_store(
             store_dir, entries, params, videos, pool, signature))
         tasks = [VideoTask(**task) for task in plan["tasks"]]
@@ -117,15 +124,35 @@ def run_from_paths(params: Params, paths: Paths, shard: Shard | None = None) -> 
 
 
 def list_videos(source: Path, params: Params) -> list[VideoEntry]:
-    """The videos to decode, from a folder or a manifest."""
+    """The videos to decode: the manifests in `decode.manifests`, or `source`: a folder of split
+    files (an official split), a folder of videos, or one manifest."""
     if not source.exists():
         raise FileNotFoundError(f"input not found: {source}")
+    fmt, root, number = params.manifest_format, params.video_root, params.split_number
     try:
-        if source.is_dir() and params.manifest_format == "auto":
+        if params.manifests:
+            files = [_manifest_path(source, name) for name in params.manifests]
+            return read_manifests(files, fmt=fmt, video_root=root, split_number=number)
+        if not source.is_dir():
+            return parse_manifest(source, fmt=fmt, video_root=root, split_number=number)
+        found = find_manifest_set(source, fmt, number)
+        if found is None:
             return scan_folder(source)
-        return parse_manifest(source, fmt=params.manifest_format, video_root=params.video_root)
+        log.info("%s: %s split %d from %s", source, found[0], number, ", ".join(f.name for f in found[1]))
+        return read_manifests(found[1], fmt=found[0], video_root=root or source, split_number=number)
     except ManifestError as err:
         raise StageError(str(err)) from err
+
+
+def _manifest_path(source: Path, name: Path) -> Path:
+    """A `decode.manifests` entry: absolute, or relative to the folder `paths.raw`."""
+    path = name if name.is_absolute() else source / name
+    if not name.is_absolute() and not source.is_dir():
+        raise StageError(f"decode.manifests: {name} is relative, so paths.raw must be the folder "
+                         f"holding it, not the file {source}")
+    if not path.is_file():
+        raise StageError(f"decode.manifests: {path}: manifest does not exist")
+    return path
 
 
 def without_duplicates(entries: list[VideoEntry], params: Params) -> list[VideoEntry]:
@@ -161,20 +188,17 @@ def sample_clips(num_frames_in_video: int, fps: float, params: Params) -> list[l
     return [list(range(int(s), int(s) + span, stride)) for s in starts]
 
 
-def probe_all(entries: list[VideoEntry], params: Params, pool: Executor | None
+def probe_all(entries: list[VideoEntry], params: Params, pool: WorkerPool | None
               ) -> tuple[list[VideoInfo | None], list[dict]]:
     """Probe every video; unreadable ones become failures with their reason."""
     jobs = [(str(e.path), params.backend) for e in entries]
-    results = _map(pool, _probe_one, jobs)
-    infos: list[VideoInfo | None] = []
-    failures = []
-    for index, result in enumerate(progress(results, desc="probe", unit="video", total=len(jobs))):
-        if isinstance(result, str):
-            failures.append({"index": index, "path": str(entries[index].path), "stage": "probe",
-                             "reason": result})
-            result = None
-        infos.append(result)
-    return infos, failures
+    results: list[VideoInfo | str | None] = [None] * len(jobs)
+    for index, result in progress(run_jobs(pool, _probe_one, jobs), desc="probe", unit="video",
+                                  total=len(jobs)):
+        results[index] = result
+    failures = [{"index": index, "path": str(entries[index].path), "stage": "probe", "reason": result}
+                for index, result in enumerate(results) if isinstance(result, str)]
+    return [None if isinstance(r, str) else r for r in results], failures
 
 
 def plan_tasks(entries: list[VideoEntry], infos: list[VideoInfo | None], params: Params,
@@ -205,7 +229,7 @@ def clip_span(fps: float, params: Params) -> int:
     return (params.num_frames - 1) * frame_stride(fps, params) + 1
 
 
-def decode_all(tasks: list[VideoTask], store_dir: Path, pool: Executor | None, signature: str) -> None:
+def decode_all(tasks: list[VideoTask], store_dir: Path, pool: WorkerPool | None, signature: str) -> None:
     """Decode every task not yet settled into the store; mark each video done or failed."""
     markers = ProgressMarkers(store_dir)
     todo = markers.pending(tasks, key=lambda t: t.index)
@@ -213,12 +237,15 @@ def decode_all(tasks: list[VideoTask], store_dir: Path, pool: Executor | None, s
         log.info("resuming: %d of %d videos already decoded", len(tasks) - len(todo), len(tasks))
     total = sum(len(t.clips) * len(t.clips[0]) for t in todo)
     jobs = [(t, str(store_dir), signature) for t in todo]
-    with progress_bar("decode", unit="frame", total=total) as update:
-        for task, result in zip(todo, _map(pool, _decode_one, jobs), strict=True):
-            if isinstance(result, str):
-                markers.mark_failed(task.index, result)
-            else:
-                update(result)
+    try:
+        with progress_bar("decode", unit="frame", total=total) as update:
+            for position, result in run_jobs(pool, _decode_one, jobs):
+                if isinstance(result, str):
+                    markers.mark_failed(todo[position].index, result)
+                else:
+                    update(result)
+    finally:  # this process decoded some videos too: do not keep their store open
+        _frames_cache.pop((str(store_dir), signature), None)
 
 
 def _decode_failures(store_dir: Path, tasks: list[VideoTask]) -> list[dict]:
@@ -271,16 +298,22 @@ def _decode_one(job: tuple[VideoTask, str, str]) -> int | str:
 
 
 def write_row(frames: zarr.Array, row: int, clip) -> None:
-    """Write one clip's row; a failure here (disk full, read-only) is a system error."""
+    """Write one clip's row; a failure here (disk full, read-only) is a system error.
+
+    zarr compares every chunk it writes with the fill value, to leave all-fill chunks out: a new
+    array and a full comparison, costing twice the compression. `clip.any()` (the fill value is 0)
+    answers the same question in a fraction of that, so only an all-black clip takes zarr's check.
+    """
     try:
-        frames[row] = clip
+        target = frames.with_config({"write_empty_chunks": True}) if clip.any() else frames
+        target[row] = clip
     except OSError as err:
         where = err.filename or f"{frames.store_path} (row {row})"
         raise OutputWriteError(err.errno, err.strerror or str(err), where) from err
 
 
 def _plan_store(store_dir: Path, entries: list[VideoEntry], params: Params, source: Path,
-                pool: Executor | None, signature: str) -> dict:
+                pool: WorkerPool | None, signature: str) -> dict:
     """Probe every video, assign store rows, create the store; the plan every shard follows."""
     infos, failures = probe_all(entries, params, pool)
     tasks = plan_tasks(entries, infos, params, failures)
@@ -295,23 +328,29 @@ def _create_store(store_dir: Path, entries: list[VideoEntry], tasks: list[VideoT
     class_names = sorted({e.label for e in entries if e.label is not None})
     label_of = {name: i for i, name in enumerate(class_names)}
     val = _validation_videos(entries, params.val_fraction)
+    store_split = store_splits(entries)
     labels, videos, starts, splits = [], [], [], []
     for task in tasks:
         entry = entries[task.index]
-        split = _split_code(entry, task.index in val)
+        split = _split_code(entry, task.index in val, store_split)
         for clip in task.clips:
             labels.append(label_of.get(entry.label, -1))
             videos.append(task.index)
             starts.append(clip[0])
             splits.append(split)
     fps = sorted(t.info["fps"] for t in tasks)
-    create_clips_store(
+    group = create_clips_store(
         store_dir, num_clips=len(labels), num_frames=params.num_frames, size=params.store_size,
         labels=np.array(labels), videos=np.array(videos), starts=np.array(starts),
         splits=np.array(splits), video_paths=[str(e.path) for e in entries],
         attrs={"class_names": class_names, "fps": fps[len(fps) // 2] if fps else 0.0,
                "frame_stride": params.stride, "target_fps": params.target_fps,
-               "source": str(source), "params": params.model_dump(mode="json")})
+               "source": str(source), "params": params.model_dump(mode="json"),
+               "official_splits": _official_splits(entries, store_split)})
+    names = group.create_array("video_split", shape=(len(entries),), dtype=str,
+                               chunks=(max(1, len(entries)),))
+    if entries:  # each video's split as its manifest names it ("" for none: a folder, a held-out video)
+        names[:] = np.asarray([e.source_split or "" for e in entries])
 
 
 def _drop_failed_videos(store_dir: Path, tasks: list[VideoTask], failed: set[int]) -> None:
@@ -342,10 +381,22 @@ def _validation_videos(entries: list[VideoEntry], fraction: float) -> set[int]:
     return chosen
 
 
-def _split_code(entry: VideoEntry, held_out: bool) -> int:
+def store_splits(entries: list[VideoEntry]) -> dict[str, str]:
+    """The store split of each manifest split: a test split is evaluated as `val` when the
+    manifests have no validation split (UCF101, HMDB51), and stays `test` beside one (Kinetics, SSv2)."""
+    has_val = any(e.split == "val" for e in entries)
+    return {"train": "train", "val": "val", "test": "test" if has_val else "val"}
+
+
+def _official_splits(entries: list[VideoEntry], store_split: dict[str, str]) -> dict[str, str]:
+    """Each split name the manifests use -> the store split its videos went to (attrs)."""
+    named = {e.source_split: store_split.get(e.split, "train") for e in entries if e.source_split}
+    return dict(sorted(named.items()))
+
+
+def _split_code(entry: VideoEntry, held_out: bool, store_split: dict[str, str]) -> int:
     if entry.split is not None:
-        name = {"validation": "val", "validate": "val"}.get(entry.split, entry.split)
-        return SPLITS.index(name) if name in SPLITS else 0
+        return SPLITS.index(store_split.get(entry.split, "train"))
     return SPLITS.index("val") if held_out else SPLITS.index("train")
 
 
@@ -366,7 +417,7 @@ def _summary(entries: list[VideoEntry], failures: list[dict], clips: Path) -> di
 
 def work_fingerprint(params: Params, entries: list[VideoEntry]) -> str:
     """Identifies the work: same params and same input files (path, size, mtime) -> same store."""
-    files = [(str(e.path), e.label, e.split, *(_stat(e.path))) for e in entries]
+    files = [(str(e.path), e.label, e.split, e.source_split, *(_stat(e.path))) for e in entries]
     return fingerprint(params, files)
 
 
@@ -376,29 +427,6 @@ def _stat(path: Path) -> tuple[int, int]:
     except OSError:
         return (-1, -1)
     return (stat.st_size, stat.st_mtime_ns)
-
-
-class _executor:
-    """A spawn-based process pool (decord and zarr threads do not survive fork), or none."""
-
-    def __init__(self, workers: int) -> None:
-        self.pool = (ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                         initializer=die_with_parent)
-                     if workers > 0 else None)
-
-    def __enter__(self) -> Executor | None:
-        return self.pool
-
-    def __exit__(self, *exc: object) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-
-def _map(pool: Executor | None, fn, jobs: list):
-    """Results of `fn` over `jobs` in order, lazily, in the pool or in this process."""
-    if pool is None:
-        return map(fn, jobs)
-    return pool.map(fn, jobs, chunksize=1)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ Runs once per label source (`source`: clips or motion_gt; dvc.yaml's `densify@<s
 Inputs: the source's pseudo-labels (`paths.labels` or `paths.motion_gt_labels`), the frames store
 they name, `artifacts/motion_pretrain/tracker.pt`. Outputs: the source's train labels
 (`paths.train_labels` or `paths.motion_gt_train_labels`, same layout), `reports/densify/<source>/`
-(stats.json, before/after speed histograms PNG), `metrics/densify/<source>.json`. The dense
-tracking resumes from `runs/densify/<source>/`.
+(stats.json: counts and speed histograms before/dense/after; their PNG), `metrics/densify/<source>.json`
+(tracks, samples, flow pairs and speed entropy after re-balancing). The dense tracking resumes from
+`runs/densify/<source>/`.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from pydantic import Field
 
 from models.tracker import PointTracker
 from pipeline.core import stage_cli
-from pipeline.core.atomic import atomic_dir, write_json
+from pipeline.core.atomic import atomic_dir
 from pipeline.core.fingerprint import file_digest, fingerprint
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import LabelSource, Paths, StageParams
 from pipeline.core.progress import progress
+from pipeline.core.results import write_results
 from pipeline.core.stores import open_clips
 from pipeline.core.tensors import image_to_tensor
 from pipeline.motion.checkpoints import load_point_tracker
@@ -61,6 +63,10 @@ from pipeline.motion.label_store import (
 )
 
 log = logging.getLogger(__name__)
+
+# metrics/densify/<source>.json (DVC's columns): the training labels left after densifying and
+# re-balancing, and how even their speeds are; before/dense counts and histograms are in stats.json
+HEADLINE = ("tracks_after", "track_samples_after", "flow_pairs_after", "track_speed_entropy_after")
 
 
 class Params(StageParams):
@@ -207,16 +213,16 @@ def summarise(source, dense_coords: np.ndarray, chosen_coords: np.ndarray, out, 
 
 
 def write_reports(stats: dict, reports: Path, metrics: Path) -> None:
-    """stats.json and the before/after speed histograms in `reports`; the counts in `metrics` and MLflow."""
+    """stats.json (everything) and the before/after speed histograms in `reports`; the headline in
+    `metrics`; the counts and entropies in MLflow."""
     reports.mkdir(parents=True, exist_ok=True)
-    write_json(reports / "stats.json", stats)
+    write_results(stats, reports=reports, metrics=metrics, headline=HEADLINE, name="stats.json")
     tracks = {name: stats[f"track_speed_histogram_{name}"] for name in ("before", "dense", "after")}
     flow = {name: stats[f"flow_speed_histogram_{name}"] for name in ("before", "after")}
     save_histogram_figure(reports / "speed_histograms.png", {"tracks (mean speed)": tracks,
                                                              "flow labels (|f| of valid pixels)": flow},
                           xlabel="px / frame")
     summary = {k: v for k, v in stats.items() if "histogram" not in k}
-    write_json(metrics, summary)
     current_run().log_metrics({f"data/{k}": float(v) for k, v in summary.items()})
     current_run().log_artifact(reports / "speed_histograms.png")
 

@@ -12,9 +12,11 @@ Recipe (VideoMAE's): layer-wise lr decay, drop path, label smoothing, mixup/cutm
 erasing, warm-up + cosine on the shared loop (resume, DDP, bf16). `mode: linear` freezes the encoder.
 Evaluation (VideoMAE's multi-view testing): every stored clip of a video x `eval_clips` temporal windows x
 `eval_crops` spatial crops, softmax scores averaged per video; top-1, top-5, per-class accuracy, confusion
-matrix (and the single-view top-1 for comparison).
-Outputs: `artifacts/finetune/` (classifier.pt, init_report.json), `metrics/finetune.json`,
-`reports/finetune/` (history.csv, confusion.png, predictions.json); resumable state in `runs/finetune/`.
+matrix (and the single-view top-1 for comparison). During training, every `val_every` steps, a cheap
+validation (the centre view of each val clip: loss and per-video top-1) joins the history.
+Outputs: `artifacts/finetune/` (classifier.pt, init_report.json), `metrics/finetune.json` (top-1,
+top-5), `reports/finetune/` (results.json: the whole evaluation summary; history.csv, curves.png,
+confusion.png, predictions.json); resumable state in `runs/finetune/`.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ import torch
 from pydantic import Field, field_validator
 from timm.loss import SoftTargetCrossEntropy
 
+from models.checkpoint_io import CheckpointError, read_weights
 from models.classifier import VideoClassifier, classifier_config, layer_decay_param_groups, save_classifier
 from models.encoder_io import FORMAT as ENCODER_FORMAT
 from models.encoder_io import EncoderCheckpointError, encoder_input_norm, load_encoder
 from models.video_vit import INPUT_NORMS, build_encoder
 from models.videomae_convert import VideoMAEConversionError, load_head, load_videomae_encoder
-from pipeline.classify.data import ClipSpec, EvalViews, TrainClips, store_info
+from pipeline.classify.data import ClipSpec, EvalViews, TrainClips, ViewPlan, store_info
 from pipeline.classify.evaluate import (
     ViewScores,
     average_per_video,
@@ -45,13 +48,16 @@ from pipeline.classify.evaluate import (
     score_views,
 )
 from pipeline.classify.mixup import VideoMixup
+from pipeline.classify.pictures import training_curves
 from pipeline.core import stage_cli
 from pipeline.core.atomic import atomic_dir, save_png, write_json
 from pipeline.core.errors import StageError
 from pipeline.core.fingerprint import fingerprint, input_stamp
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
+from pipeline.core.results import write_results
 from pipeline.core.training import (
+    Evaluation,
     TrainParams,
     autocast_dtype,
     init_distributed,
@@ -124,6 +130,10 @@ class Params(StageParams):
                                       "side of eval_resize x input_size before cropping (VideoMAE's test "
                                       "pipeline: the input size, 1.0); null: crop at the stored scale")
     eval_batch_size: int = Field(16, ge=1, description="views per evaluation batch")
+    val_every: int | None = Field(50, ge=0, description="steps between validation scores during training "
+                                  "(val loss and top-1 on the centre view of each labelled val clip, into "
+                                  "history.csv, MLflow and curves.png; also after the last step); 0 or null: "
+                                  "off. The full multi-view evaluation runs at the end either way")
     videomae_num_frames: int = Field(16, ge=1, description="frames a VideoMAE checkpoint was trained on")
     videomae_input_size: int = Field(224, ge=8, description="resolution a VideoMAE checkpoint was trained at")
     videomae_num_heads: int | None = Field(None, ge=1, description="heads of a VideoMAE checkpoint of "
@@ -162,7 +172,8 @@ def run(params: Params, *, clips: Path, encoder: Path, artifacts: Path, run_dir:
     groups = layer_decay_param_groups(model, train_params.weight_decay, params.layer_decay)
     tick, key = time.perf_counter(), work_fingerprint(params, source, info, len(train_set), clips)
     result = train(model, train_set, classification_loss, train_params, run_dir, param_groups=groups,
-                   collate_fn=mixup, fingerprint=key, unit="clip")
+                   collate_fn=mixup, fingerprint=key, unit="clip",
+                   evaluation=validation(params, clips, train_params))
     train_seconds = time.perf_counter() - tick
     outputs = {"artifacts": artifacts, "metrics": metrics, "reports": reports}
     if not place.is_main:
@@ -276,8 +287,8 @@ def is_our_encoder(path: Path) -> bool:
     """Whether `path` is a `models.encoder_io` checkpoint (else it is taken for a VideoMAE one); our other
     checkpoint kinds (pretrain's model.pt, a classifier) are refused with a pointer to the right file."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+        state = read_weights(path)  # a torch checkpoint, or a safetensors export
+    except CheckpointError as err:
         raise StageError(f"finetune.init: {path} is not a readable torch checkpoint ({err})") from err
     kind = state.get("format") if isinstance(state, dict) else None
     if isinstance(kind, str) and kind.startswith("mam2.") and kind != ENCODER_FORMAT:
@@ -313,17 +324,54 @@ def work_fingerprint(params: Params, source: Path | None, info, num_clips: int, 
 
 def evaluate(model: VideoClassifier, clips: Path, params: Params, train_params: TrainParams) -> ViewScores:
     """Softmax scores of every (stored clip x crop) view of the evaluation split."""
+    plan = view_plan(params)
+    views = EvalViews(clips, params.eval_split, plan.spec, num_clips=plan.num_clips, num_crops=plan.num_crops,
+                      short_side=plan.short_side)
+    return score(model, views, params, train_params)
+
+
+def view_plan(params: Params) -> ViewPlan:
+    """The evaluation views of a stored clip: `eval_clips` windows x `eval_crops` crops after resizing the
+    short side to `eval_resize` x `input_size` (`mam2 predict` cuts a video file's clips the same way)."""
     short_side = None if params.eval_resize is None else round(params.eval_resize * params.input_size)
-    views = EvalViews(clips, params.eval_split, params.clip_spec(), num_clips=params.eval_clips,
-                      num_crops=params.eval_crops, short_side=short_side)
+    return ViewPlan(params.clip_spec(), params.eval_clips, params.eval_crops, short_side)
+
+
+def score(model: VideoClassifier, views, params: Params, train_params: TrainParams) -> ViewScores:
+    """Softmax scores of every item of a views dataset (`EvalViews`, `ClipViews`), in evaluation batches
+    on the model's device."""
     device = next(model.parameters()).device
     return score_views(model, views, batch_size=params.eval_batch_size, device=device,
                        workers=train_params.workers, autocast_dtype=autocast_dtype(train_params, device))
 
 
+def validation(params: Params, clips: Path, train_params: TrainParams) -> Evaluation | None:
+    """The validation curve's evaluation every `val_every` steps, cheap beside the final one: the centre
+    view (centre window, centre crop) of each labelled val clip; None when off or without val clips."""
+    if not params.val_every:
+        return None
+    plan = view_plan(params)
+    try:
+        views = EvalViews(clips, "val", plan.spec, num_clips=1, num_crops=1, short_side=plan.short_side)
+    except StageError as err:
+        log.warning("no validation curve: %s", err)
+        return None
+    return Evaluation(lambda model: validation_scores(score(model, views, params, train_params)),
+                      params.val_every, prefix="val")
+
+
+def validation_scores(views: ViewScores) -> dict[str, float]:
+    """"loss": the mean cross-entropy of the views; "top1_centre": the per-video top-1 of their scores."""
+    _, scores, labels = average_per_video(views)
+    picked = views.scores[np.arange(len(views.labels)), views.labels]
+    return {"loss": float(-np.log(np.clip(picked, 1e-12, None)).mean()),
+            "top1_centre": float((scores.argmax(axis=1) == labels).mean())}
+
+
 def write_outputs(model: VideoClassifier, views: ViewScores, summary: dict, history: list[dict],
                   class_names: list[str], out: dict[str, Path], *, config: dict, init_report: dict) -> None:
-    """Classifier + init report, metrics JSON, history, confusion image and per-video predictions."""
+    """Classifier + init report; the summary (reports/finetune/results.json) and its headline (the
+    metrics file); history, confusion image and per-video predictions. Adds "results" to `out`."""
     with atomic_dir(out["artifacts"]) as tmp:
         save_classifier(model, config, tmp / "classifier.pt")
         write_json(tmp / "init_report.json", init_report)
@@ -331,9 +379,11 @@ def write_outputs(model: VideoClassifier, views: ViewScores, summary: dict, hist
     with atomic_dir(out["reports"]) as tmp:
         write_history(history, tmp / "history.csv")
         save_png(image, tmp / "confusion.png")
+        save_png(training_curves(history, len(class_names), curves_title(summary)), tmp / "curves.png")
         write_json(tmp / "predictions.json", predictions(views, class_names))
-    write_json(out["metrics"], summary)
     k = min(5, len(class_names))
+    out.update(write_results(summary, reports=out["reports"], metrics=out["metrics"],
+                             headline=headline(k)))
     mlrun = current_run()
     mlrun.log_metrics({"val/top1": summary["top1"], f"val/top{k}": summary[f"top{k}"],
                          "val/top1_single_view": summary["top1_single_view"],
@@ -345,12 +395,27 @@ def write_outputs(model: VideoClassifier, views: ViewScores, summary: dict, hist
     mlrun.log_model(out["artifacts"], "classifier", model_type="video-classifier", params=config)
 
 
+def curves_title(summary: dict) -> str:
+    """The title of curves.png: what was fine-tuned from what, and how validation was scored."""
+    return (f"fine-tuning ({summary['mode']}, init {Path(str(summary['init'])).name}): training and "
+            f"validation curves; validation on the centre view of each val clip")
+
+
+def headline(k: int) -> tuple[str, ...]:
+    """metrics/finetune.json's keys (DVC's columns): top-1 and top-k of the per-video scores. The rest of
+    the summary (per class, confusion, sizes, init) is in reports/finetune/results.json."""
+    return ("top1", f"top{k}")
+
+
 def predictions(views: ViewScores, class_names: list[str]) -> list[dict]:
-    """Per video: true and predicted class and the averaged score of the prediction."""
+    """Per video: its id and source file (the clips store's `videos` table), true and predicted class and
+    the averaged score of the prediction."""
     ids, scores, labels = average_per_video(views)
     pred = scores.argmax(axis=1)
-    return [{"video": int(v), "label": class_names[int(y)], "pred": class_names[int(p)],
-             "score": round(float(s[p]), 4)} for v, s, y, p in zip(ids, scores, labels, pred, strict=True)]
+    names = views.video_names
+    return [{"video": int(v), **({"path": names[int(v)]} if names is not None else {}),
+             "label": class_names[int(y)], "pred": class_names[int(p)], "score": round(float(s[p]), 4)}
+            for v, s, y, p in zip(ids, scores, labels, pred, strict=True)]
 
 
 if __name__ == "__main__":

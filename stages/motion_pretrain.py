@@ -9,8 +9,9 @@ format), that model is loaded instead of trained.
 
 Inputs: `paths.motion_gt` (gt.zarr, for evaluation only). Outputs: `artifacts/motion_pretrain/`
 (flow.pt in `models.flow_io` format, tracker.pt in `models.tracker.save_tracker` format),
-`metrics/motion_pretrain.json` (flow EPE and tracking error on motion_gt next to the zero-motion
-baseline), `reports/motion_pretrain/` (training curves). Training resumes from `runs/motion_pretrain/`.
+`metrics/motion_pretrain.json` (flow EPE and tracking delta_avg on motion_gt next to the zero-motion
+baseline), `reports/motion_pretrain/` (results.json: every score; training curves). Training resumes
+from `runs/motion_pretrain/`.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ from models.tracker import (
     visibility_loss,
 )
 from pipeline.core import stage_cli
-from pipeline.core.atomic import atomic_dir, write_json
+from pipeline.core.atomic import atomic_dir
 from pipeline.core.errors import StageError, require
 from pipeline.core.fingerprint import fingerprint
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
 from pipeline.core.progress import progress
+from pipeline.core.results import write_results
 from pipeline.core.training import TrainParams, stage_train_params, train, write_history
 from pipeline.motion.evaluate import (
     evaluate_flow_clip,
@@ -70,6 +72,9 @@ FLOW_TRAIN = TrainParams(steps=200, batch_size=4, base_lr=4e-4, lr_scaling="none
 TRACKER_TRAIN = FLOW_TRAIN.model_copy(update={"base_lr": 1e-3})
 FlowTrainParams = stage_train_params(FLOW_TRAIN)
 TrackerTrainParams = stage_train_params(TRACKER_TRAIN)
+# metrics/motion_pretrain.json (DVC's columns): each model's score on motion_gt beside zero motion's; the
+# other scores (accuracies, moving/static EPE, Jaccard, sources) are in reports/motion_pretrain/results.json
+HEADLINE = ("flow_epe", "flow_epe_zero_motion", "track_delta_avg", "track_delta_avg_zero_motion")
 
 
 class Params(StageParams):
@@ -124,14 +129,15 @@ def run(params: Params, *, motion_gt: Path, artifacts: Path, metrics: Path, repo
     current_run().log_metrics({"time/flow_seconds": flow_seconds, "time/tracker_seconds": tracker_seconds})
     current_run().log_model(artifacts / "flow.pt", "flow", model_type=params.flow_model)
     current_run().log_model(artifacts / "tracker.pt", "tracker", model_type="point-tracker")
-    write_json(metrics, results)
+    written = write_results(results, reports=reports, metrics=metrics, headline=HEADLINE)
+    current_run().log_artifact(written["results"], "motion_pretrain")
     log.info("motion_gt flow EPE %.3f px (zero motion %.3f); tracking error %.3f px (zero motion %.3f)",
              results["flow_epe"], results["flow_epe_zero_motion"], results["track_error_px"],
              results["track_error_px_zero_motion"])
     if not (results["flow_epe"] < results["flow_epe_zero_motion"]
             and results["track_error_px"] < results["track_error_px_zero_motion"]):
         log.warning("a motion model is no better than predicting no motion on %s; train longer", gt_store)
-    return {"flow": artifacts / "flow.pt", "tracker": artifacts / "tracker.pt", "metrics": metrics}
+    return {"flow": artifacts / "flow.pt", "tracker": artifacts / "tracker.pt", **written}
 
 
 def run_from_paths(params: Params, paths: Paths) -> dict[str, Path]:

@@ -6,8 +6,8 @@ unless `motion_source: store`; not needed by `objective: videomae`), and, when p
 `artifacts/tokenizer/vqgan.pt` to draw predicted codes as images.
 Outputs: `artifacts/pretrain/encoder.pt` (the encoder in `models.encoder_io` format, read by finetune)
 and `model.pt` (encoder + regressor + decoders + params), `metrics/pretrain.json` (each metric with
-its trivial baseline beside it), `reports/pretrain/history.csv` and sample images; resumable state in
-`runs/pretrain/`.
+its trivial baseline beside it), `reports/pretrain/` (results.json: the whole summary; history.csv;
+sample images); resumable state in `runs/pretrain/`.
 Samples are f-grid-aligned crops at the input size, flips and temporal windows of the stored clips
 (why: `pipeline.data.pretrain_data`), tube-masked at `mask_ratio`; training runs through the shared loop
 (AdamW, lr = base_lr x batch / 256, warm-up + cosine, DDP under torchrun, exact resume).
@@ -33,10 +33,12 @@ from models.mam2 import MAM2, OBJECTIVES
 from models.pretrain_targets import code_target, motion_target
 from models.video_vit import ENCODER_SIZES, HEAD_SIZES, build_encoder, split_tokens, unpatchify
 from pipeline.core import stage_cli
-from pipeline.core.atomic import atomic_dir, save_png, write_json
+from pipeline.core.atomic import atomic_dir, save_png
+from pipeline.core.figures import labelled_montage
 from pipeline.core.fingerprint import fingerprint, input_stamp
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
+from pipeline.core.results import write_results
 from pipeline.core.tensors import clip_to_tensor, tensor_to_clip, tensor_to_image
 from pipeline.core.training import (
     TrainParams,
@@ -47,6 +49,7 @@ from pipeline.core.training import (
     write_history,
 )
 from pipeline.data.pretrain_data import PretrainDataset, Sampling
+from pipeline.data.shared_batch import collate_shared
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,12 @@ TRAIN_DEFAULTS = TrainParams(steps=200, batch_size=8, base_lr=0.03, warmup_steps
 SCALAR_KEYS = ("loss", "loss_appearance", "loss_motion", "loss_pixel", "loss_align", "appearance_acc",
                "appearance_acc_baseline", "motion_mse_baseline", "pixel_mse_baseline")
 StageTrainParams = stage_train_params(TRAIN_DEFAULTS)
+# metrics/pretrain.json (DVC's columns): final losses beside their trivial baselines, whichever the
+# objective has (pixel_* for videomae); the whole summary is reports/pretrain/results.json
+HEADLINE = {"loss": "loss", "appearance_acc": "appearance_acc",
+            "appearance_acc_baseline": "appearance_acc_baseline", "motion_mse": "motion_mse",
+            "motion_mse_baseline": "motion_mse_baseline", "pixel_mse": "loss_pixel",
+            "pixel_mse_baseline": "pixel_mse_baseline"}
 
 
 class Params(StageParams):
@@ -138,7 +147,7 @@ def run(params: Params, *, clips: Path, targets: Path, tokenizer: Path, artifact
     torch.manual_seed(train_params.seed)
     model = build_model(params, dataset)
     loss_fn = partial(mam2_loss, motion=needs_motion(params))
-    result = train(model, dataset, loss_fn, train_params, run_dir, unit="clip",
+    result = train(model, dataset, loss_fn, train_params, run_dir, unit="clip", collate_fn=collate_shared,
                    fingerprint=work_fingerprint(params, dataset))
     outputs = {"artifacts": artifacts, "metrics": metrics, "reports": reports}
     if not place.is_main:
@@ -153,12 +162,14 @@ def run(params: Params, *, clips: Path, targets: Path, tokenizer: Path, artifact
         save_encoder(model.encoder, encoder_config(params), tmp / "encoder.pt", input_norm=model.input_norm)
         torch.save(model_checkpoint(params, model), tmp / "model.pt")
     summary = summarise(history, train_params, len(dataset))
-    write_json(metrics, summary)
     with atomic_dir(reports) as tmp:
         write_history(history, tmp / "history.csv")
-        for name, image in sample_images(model, dataset, params.sample_clips, tokenizer).items():
+        for name, image in sample_images(model, dataset, params.sample_clips, tokenizer,
+                                         step=train_params.steps).items():
             save_png(image, tmp / name)
+    outputs.update(write_results(summary, reports=reports, metrics=metrics, headline=HEADLINE))
     current_run().log_artifact(reports / "history.csv", "pretrain")  # the images are in samples/
+    current_run().log_artifact(reports / "results.json", "pretrain")
     current_run().log_artifact(metrics)
     current_run().log_model(artifacts / "encoder.pt", "encoder", model_type="video-vit-encoder",
                             params=encoder_config(params))
@@ -255,10 +266,10 @@ def model_checkpoint(params: Params, model: MAM2) -> dict:
 
 
 def summarise(history: list[dict], train_params: TrainParams, num_clips: int, window: int = 5) -> dict:
-    """metrics/pretrain.json: means over the last `window` logs (each log is one step's batch), the first
-    logged loss, and how much training that was. Each model metric has its trivial baseline beside it,
-    measured on the same batches' masked targets: ``appearance_acc_baseline`` (predict the most frequent
-    code) and ``motion_mse_baseline`` / ``pixel_mse_baseline`` (predict zero)."""
+    """reports/pretrain/results.json: means over the last `window` logs (each log is one step's batch),
+    the first logged loss, and how much training that was. Each model metric has its trivial baseline
+    beside it, measured on the same batches' masked targets: ``appearance_acc_baseline`` (predict the
+    most frequent code) and ``motion_mse_baseline`` / ``pixel_mse_baseline`` (predict zero)."""
     summary: dict = {"steps": train_params.steps, "batch_size": train_params.batch_size,
                      "train_clips": num_clips,
                      "epochs": train_params.steps * train_params.batch_size / num_clips}
@@ -279,10 +290,11 @@ def summarise(history: list[dict], train_params: TrainParams, num_clips: int, wi
 
 
 @torch.no_grad()
-def sample_images(model: MAM2, dataset: PretrainDataset, count: int,
-                  tokenizer: Path) -> dict[str, np.ndarray]:
+def sample_images(model: MAM2, dataset: PretrainDataset, count: int, tokenizer: Path,
+                  step: int | None = None) -> dict[str, np.ndarray]:
     """Images of predictions on the first `count` train clips (masked tubelets darkened in the top band):
-    target vs predicted RGB differences; VQGAN-decoded target vs predicted codes; masked frames."""
+    target vs predicted RGB differences; VQGAN-decoded target vs predicted codes; masked frames. Each is
+    titled (objective, `step`, mask ratio, what is drawn) with its rows and columns labelled."""
     if count == 0:
         return {}
     device, enc = next(model.parameters()).device, model.encoder
@@ -299,15 +311,44 @@ def sample_images(model: MAM2, dataset: PretrainDataset, count: int,
         videos = [tensor_to_clip((0.5 + unpatchify(t, grid, enc.tubelet_size,
                                                    enc.patch_size) / 6).clamp(0, 1))
                   for t in (target, _paste(target, masked, out["pred_motion"]))]  # +-3 std spans the greys
-        images["motion_target_vs_pred.png"] = _montage([shade, *videos], frames - 1)
+        images["motion_target_vs_pred.png"] = labelled_montage(
+            _montage([shade, *videos], frames - 1), _row_labels(count, MOTION_ROWS),
+            [f"t{t}→{t + 1}" for t in range(frames - 1)], _title(model, dataset, step, MOTION_SHOWN))
     if "pred_codes" in out and (decoded := _decode_codes(tokenizer, model, targets["codes"], out, masked,
                                                          grid)):
-        images["codes_target_vs_pred.png"] = _montage([shade, *decoded], frames)
+        images["codes_target_vs_pred.png"] = labelled_montage(
+            _montage([shade, *decoded], frames), _row_labels(count, CODE_ROWS),
+            [f"t{t}" for t in range(frames)], _title(model, dataset, step, CODES_SHOWN))
     if "pred_pixels" in out:
-        images["frames_masked.png"] = _montage([shade, tensor_to_clip(clip)], frames)
+        images["frames_masked.png"] = labelled_montage(
+            _montage([shade, tensor_to_clip(clip)], frames), _row_labels(count, FRAME_ROWS),
+            [f"t{t}" for t in range(frames)], _title(model, dataset, step, FRAMES_SHOWN))
     for name, image in images.items():
         current_run().log_image(image, f"samples/{name}")
     return images
+
+
+# Labels of the sample images: each clip's bands (rows), and what each image shows (in its title)
+MOTION_ROWS = ("input frame t\n(masked: darker)", "target\ndifference", "predicted\n(masked tubelets)")
+CODE_ROWS = ("input frame\n(masked: darker)", "target codes\ndecoded", "predicted codes\n(masked tubelets)")
+FRAME_ROWS = ("input frame\n(masked: darker)", "input frame")
+PASTED = ". Predictions fill the masked tubelets; visible ones show the target."
+MOTION_SHOWN = ("motion: RGB difference of frames t→t+1 (per-tubelet normalised; grey 0, black/white "
+                "±3 std), target vs prediction" + PASTED)
+CODES_SHOWN = "appearance: VQGAN codes decoded to images, target vs prediction" + PASTED
+FRAMES_SHOWN = "the masked tubelets of each clip"
+
+
+def _row_labels(count: int, bands: tuple[str, ...]) -> list[str]:
+    """Row labels of a montage of `count` clips with one band per entry of `bands`."""
+    return [f"clip {b + 1}: {band}" if i == 0 else band for b in range(count) for i, band in enumerate(bands)]
+
+
+def _title(model: MAM2, dataset: PretrainDataset, step: int | None, shown: str) -> str:
+    """A sample image's title: objective, training step and masking, then what the image shows."""
+    when = f" after {step} steps" if step is not None else ""
+    masking = f"{dataset.sampling.mask_kind} mask, ratio {dataset.sampling.mask_ratio:g}"
+    return f"{model.objective} pre-training{when} ({masking}); {shown}"
 
 
 def _paste(tokens: torch.Tensor, masked: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

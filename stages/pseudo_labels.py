@@ -17,8 +17,9 @@ Length thresholds (beta, max_flow, tau) are given at the paper's resolutions and
 Runs once per source (dvc.yaml's `pseudo_labels@clips` and `pseudo_labels@motion_gt`).
 Inputs: the frames store, `artifacts/motion_pretrain/{flow,tracker}.pt`. Outputs: the source's label
 store (`paths.labels` or `paths.motion_gt_labels`; layout in `pipeline.motion.label_store`),
-`reports/pseudo_labels/<source>/` (stats.json, speed histograms PNG), `metrics/pseudo_labels/<source>.json`
-(kept fractions, and the fraction of flow pixels passing each test).
+`reports/pseudo_labels/<source>/` (stats.json: every count, the fraction of flow pixels passing each test,
+the thresholds; speed histograms PNG), `metrics/pseudo_labels/<source>.json` (kept fractions, flow
+pairs and tracks kept).
 Clip by clip, atomic, resumable after a kill; `--shard i/n` labels every n-th clip into the shared
 work directory and the run without `--shard` merges them (the same store as one unsharded run).
 """
@@ -37,12 +38,13 @@ from pydantic import Field, field_validator
 from models.flow import estimate_flow
 from models.tracker import PointTracker
 from pipeline.core import stage_cli
-from pipeline.core.atomic import atomic_dir, remove_path, write_json
+from pipeline.core.atomic import atomic_dir, remove_path
 from pipeline.core.errors import StageError
 from pipeline.core.fingerprint import file_digest, fingerprint
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import LabelSource, Paths, StageParams
 from pipeline.core.progress import progress
+from pipeline.core.results import write_results
 from pipeline.core.shards import ProgressMarkers, Shard, finish_plan, plan_once
 from pipeline.core.stores import open_clips
 from pipeline.core.tensors import image_to_tensor
@@ -73,6 +75,10 @@ from pipeline.motion.label_store import (
 )
 
 log = logging.getLogger(__name__)
+
+# metrics/pseudo_labels/<source>.json (DVC's columns): how much survived the cycle tests, and how many
+# labels that is; the per-test pass counts, histograms and thresholds are in stats.json
+HEADLINE = ("kept_fraction_flow", "kept_fraction_tracks", "flow_pairs", "tracks_kept")
 
 
 class Params(StageParams):
@@ -180,15 +186,15 @@ def run(params: Params, *, clips: Path, flow_model: Path, tracker: Path, labels:
 
 def report(stats: dict, thresholds: FlowThresholds, tau: float, *, labels: Path, reports: Path,
            metrics: Path) -> dict[str, Path]:
-    """Write stats.json, the speed histograms and the metrics; log them."""
+    """Write stats.json (everything), the speed histograms and the metrics (the headline); log them."""
     reports.mkdir(parents=True, exist_ok=True)
-    write_json(reports / "stats.json", {**stats, "thresholds": {**thresholds.as_dict(), "tau": tau}})
+    write_results({**stats, "thresholds": {**thresholds.as_dict(), "tau": tau}}, reports=reports,
+                  metrics=metrics, headline=HEADLINE, name="stats.json")
     save_histogram_figure(reports / "speed_histograms.png",
                           {"kept tracks (mean speed)": {"tracks": stats["track_speed_histogram"]},
                            "kept flow pixels (|f|)": {"flow": stats["flow_speed_histogram"]}},
                           xlabel="px / frame")
     summary = {k: v for k, v in stats.items() if not k.endswith("histogram")}
-    write_json(metrics, summary)
     current_run().log_metrics({f"data/{k}": float(v) for k, v in summary.items()})
     current_run().log_artifact(reports / "speed_histograms.png")
     log.info("kept %.1f%% of flow pixels and %.1f%% of tracks (%d tracks in %d samples); flow pixels "

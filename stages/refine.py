@@ -25,9 +25,11 @@ machinery on CPU; the paper's 1,000 steps of batch 12 per video need a GPU.
 
 Inputs: `artifacts/motion_pretrain/{flow.pt,tracker.pt}`, the train labels of each target (and the
 frames store they name), `paths.motion_gt/gt.zarr`.
-Outputs: `artifacts/refine/<target>/{flow.pt,tracker.pt}`, `metrics/refine.json` (before/after per
-target), `reports/refine/` (training curves, flow colour images, track overlay videos; also logged
-to MLflow); resumable state in `runs/refine/`.
+Outputs: `artifacts/refine/<target>/{flow.pt,tracker.pt}`, `metrics/refine.json` (motion_gt's EPE and
+delta_avg before/after), `reports/refine/` (results.json: every score before/after per target, with zero
+motion's on motion_gt; training curves, flow colour images, track overlay videos,
+`<target>_before_after.png` bar charts of the scores; also logged to MLflow); resumable state in
+`runs/refine/`.
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ from models.motion_losses import (
 )
 from models.tracker import PointTracker, save_tracker
 from pipeline.core import stage_cli
-from pipeline.core.atomic import atomic_dir, write_json
+from pipeline.core.atomic import atomic_dir, save_png
 from pipeline.core.errors import StageError
 from pipeline.core.fingerprint import file_digest, fingerprint
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
+from pipeline.core.results import write_results
 from pipeline.core.training import TrainParams, init_distributed, stage_train_params, train, write_history
 from pipeline.motion.augment import AugmentParams, FramePairs, LabelFlowPairs, LabelTrackSamples
 from pipeline.motion.checkpoints import load_flow, load_point_tracker
@@ -71,11 +74,18 @@ from pipeline.motion.evaluate import (
     open_ground_truth,
     unlabelled_flow_metrics,
     zero_motion_flow_scores,
+    zero_motion_track_scores,
 )
 from pipeline.motion.label_store import check_recorded_count, open_label_store
-from pipeline.motion.pictures import save_comparison
+from pipeline.motion.pictures import before_after_chart, save_comparison
 
 log = logging.getLogger(__name__)
+
+# metrics/refine.json (DVC's columns): motion_gt's flow EPE and delta_avg (first queries) before and after
+# refinement; every score of every target is in reports/refine/results.json
+HEADLINE = {f"motion_gt_{name}_{phase}": f"motion_gt.{phase}.{group}.{name}"
+            for group, name in (("flow", "epe"), ("tracks_first", "delta_avg"))
+            for phase in ("before", "after")}
 
 Method = Literal["pseudo_labels", "photometric"]
 Target = Literal["motion_gt", "clips"]
@@ -150,7 +160,7 @@ def run(params: Params, *, motion_models: Path, train_labels: dict[str, Path], m
         log.info("%s (train.stop_after); rerun to continue", stop)
         return outputs
     if place.is_main:
-        write_json(metrics, summary)
+        outputs.update(write_results(summary, reports=reports, metrics=metrics, headline=HEADLINE))
         current_run().log_artifact(metrics)
         current_run().log_artifact(reports, "refine")
         for target in params.targets:  # flow.pt and tracker.pt refined on that target's labels
@@ -186,6 +196,7 @@ def refine_targets(params: Params, flow_ckpt: Path, tracker_ckpt: Path, train_la
             save_flow_model(flow, flow_name(flow_ckpt), art / target / "flow.pt")
             save_tracker(tracker, art / target / "tracker.pt")
             draw_pictures(target, params, (pre_flow, flow), (pre_tracker, tracker), labels, motion_gt, rep)
+            draw_chart(target, params, summary[target], rep)
             current_run().log_metrics({f"time/{target}_seconds": time.perf_counter() - started})
     return summary
 
@@ -194,7 +205,8 @@ def ground_truth_extras(scores: dict, labels: zarr.Group, motion_gt: Path, param
     """Beside motion_gt's scores: zero motion's, and how good the labels were against the ground truth
     (diagnostics, never used to train or to choose a model)."""
     gt = open_ground_truth(motion_gt)
-    scores["zero_motion"] = {"flow": zero_motion_flow_scores(gt, params.eval_pairs_per_clip)}
+    scores["zero_motion"] = {"flow": zero_motion_flow_scores(gt, params.eval_pairs_per_clip),
+                             **zero_motion_track_scores(gt)}
     quality = label_quality(labels, gt)
     scores["labels"].update(quality)
     current_run().log_metrics({f"val/motion_gt/{k}": v for k, v in quality.items() if np.isfinite(v)})
@@ -358,6 +370,17 @@ def draw_pictures(target: str, params: Params, flows: tuple, trackers: tuple, la
                                       stem=reports / target)
     current_run().log_image(panel, f"refine/{target}_flow.png")
     current_run().log_artifact(video, "refine")
+
+
+def draw_chart(target: str, params: Params, scores: dict, reports: Path) -> Path:
+    """`<target>_before_after.png` in `reports`: the target's scores before vs after refinement, with
+    zero motion's where known (bars per metric); also logged to MLflow."""
+    how = "against the ground truth" if target == "motion_gt" else "label-free, on the refined-on clips"
+    image = before_after_chart(scores, f"refine on {target} ({params.method}): scores before vs after "
+                                       f"refinement, {how}")
+    path = save_png(image, reports / f"{target}_before_after.png")
+    current_run().log_image(image, f"refine/{path.name}")
+    return path
 
 
 if __name__ == "__main__":

@@ -2,16 +2,18 @@
 runs the VQGAN or decodes video.
 
 Inputs: `paths.clips` (clips.zarr) and the tokenizer stage's `artifacts/tokenizer/vqgan.pt`.
-Output `targets.zarr` beside the clips store, one chunk per clip, Blosc-zstd (docs/design.md section 5):
+Output `targets.zarr` beside the clips store, one chunk per clip, Blosc (docs/design.md section 5):
 `codes` (N, T, H/f, W/f) int16, the VQGAN codes of every frame; `codes_flipped` (same shape), the codes
 of every horizontally mirrored frame `frame[:, ::-1]` (a mirrored frame's codes are not the mirrored
 codes, so a loader that flips needs these); `rgb_diff` (N, T-1, H, W, 3) int16, exactly
-`frame[t+1] - frame[t]`. Attrs: codebook_size, downsample, frame_size, num_frames, the tokenizer's
-path and sha256, the clips path. A few clips at a time are read (in a background thread), encoded
-(on the GPU when there is one) and written (in another thread), so memory stays flat in N. The store
-is built in its partial sibling with a done marker per batch: a killed run resumes, a finished one is
-renamed into place; `--shard i/n` encodes every n-th batch into the shared partial store and the run
-without `--shard` commits it (pipeline/core/shards.py).
+`frame[t+1] - frame[t]` (Blosc-zstd level 1 with bit-shuffle: faster and smaller than the codes'
+setting, bench/targets_codecs.py). Attrs: codebook_size, downsample, frame_size, num_frames, the
+tokenizer's path and sha256, the clips path. A few clips at a time are read, encoded (on the GPU when
+there is one) and written, the reads and writes in worker processes beside the encoder
+(pipeline/data/targets_io.py), so memory stays flat in N. The store is built in its partial sibling
+with a done marker per batch: a killed run resumes, a finished one is renamed into place; `--shard
+i/n` encodes every n-th batch into the shared partial store and the run without `--shard` commits it
+(pipeline/core/shards.py).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import sys
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Literal
 
@@ -38,12 +40,12 @@ from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
 from pipeline.core.progress import progress_bar
 from pipeline.core.shards import ProgressMarkers, Shard, finish_plan, plan_once
-from pipeline.core.stores import compressor, open_clips
+from pipeline.core.stores import compressor, difference_compressor, open_clips
 from pipeline.core.tensors import clip_to_tensor
+from pipeline.data.targets_io import PREFETCH, TargetsIO
 
 log = logging.getLogger(__name__)
 
-TARGET_ARRAYS = ("codes", "codes_flipped", "rgb_diff")
 MAX_CODES = 2**15 - 1  # int16 codes
 
 
@@ -54,8 +56,8 @@ class Params(StageParams):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU when there is one")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast the encoder (GPU; "
                                                "codes may differ from fp32 where two codes nearly tie)")
-    writers: int = Field(4, ge=1, description="batches compressed and written at once, in threads beside "
-                         "the encoder (on a GPU the writes, not the encoder, set the pace)")
+    writers: int = Field(4, ge=1, description="batches compressed and written at once, in worker "
+                         "processes beside the encoder (one more process reads the clips)")
 
 
 def run(params: Params, *, clips: Path, tokenizer: Path, targets: Path,
@@ -86,7 +88,7 @@ def run(params: Params, *, clips: Path, tokenizer: Path, targets: Path,
     todo = markers.pending(mine, key=lambda rows: rows.start)
     if resumed and len(todo) < len(mine):
         log.info("resuming: %d of %d batches already written", len(mine) - len(todo), len(mine))
-    rate = write_targets(model.to(device).eval(), frames, tmp, todo, params, device, markers)
+    rate = write_targets(model, clips, frames.shape, tmp, todo, params, device)
     current_run().log_metrics({"data/targets_frames_per_s": rate, "data/clips": num_clips})
     if shard is not None:
         log.info("shard %s: %d of %d batches in %s", shard, len(mine), len(batches), tmp)
@@ -149,46 +151,34 @@ def encode_clips(model: VQGAN, clips: np.ndarray, *, device: torch.device, frame
     return codes.to(torch.int16).cpu().numpy(), flipped.to(torch.int16).cpu().numpy()
 
 
-def write_targets(model: VQGAN, frames: zarr.Array, store_dir: Path, batches: list[range], params: Params,
-                  device: torch.device, markers: ProgressMarkers) -> float:
-    """Encode and write `batches` of clips; the next read and up to `params.writers` writes overlap the
-    encoder (batches own disjoint chunks, so their writes are independent). Returns frames/s."""
-    group = zarr.open_group(str(store_dir), mode="r+")
-    arrays = {name: group[name] for name in TARGET_ARRAYS}
-    frames_per_clip = frames.shape[1]
+def write_targets(model: VQGAN, clips: Path, frames_shape: tuple[int, ...], store_dir: Path,
+                  batches: list[range], params: Params, device: torch.device) -> float:
+    """Encode and write `batches` of clips; returns frames/s. Worker processes read the next PREFETCH
+    batches and write up to `params.writers` batches while the encoder runs (batches own disjoint
+    chunks, so their writes are independent); the workers start before the model moves to `device`."""
+    if not batches:
+        return 0.0
+    frames_per_clip = frames_shape[1]
     total = sum(len(rows) for rows in batches) * frames_per_clip
-    with ThreadPoolExecutor(1 + params.writers, thread_name_prefix="targets-io") as pool, \
-            progress_bar("targets", unit="frame", total=total) as update:
-        def read(rows: range) -> Future:
-            return pool.submit(frames.__getitem__, slice(rows.start, rows.stop))
-
+    with TargetsIO(clips, store_dir, frames_shape[1:], min(params.clips_per_batch, frames_shape[0]),
+                   params.writers) as io, progress_bar("targets", unit="frame", total=total) as update:
         start = time.perf_counter()
-        reading = read(batches[0]) if batches else None
+        reading = deque(io.read(rows) for rows in batches[:PREFETCH])
+        model = model.to(device).eval()
         writing: deque[Future] = deque()
-        for i, rows in enumerate(batches):
-            clips = reading.result()
-            if i + 1 < len(batches):
-                reading = read(batches[i + 1])
-            codes, flipped = encode_clips(model, clips, device=device,
+        for i in range(len(batches)):
+            batch = reading.popleft().result()
+            codes, flipped = encode_clips(model, batch.frames, device=device,
                                           frames_per_batch=params.frames_per_batch,
                                           precision=params.precision)
             while len(writing) >= params.writers:
                 update(writing.popleft().result())
-            writing.append(pool.submit(_write_batch, arrays, rows, clips, codes, flipped, markers))
+            writing.append(io.write(batch, codes, flipped))
+            if i + PREFETCH < len(batches):
+                reading.append(io.read(batches[i + PREFETCH]))
         while writing:
             update(writing.popleft().result())
     return total / max(time.perf_counter() - start, 1e-9)
-
-
-def _write_batch(arrays: dict[str, zarr.Array], rows: range, clips: np.ndarray, codes: np.ndarray,
-                 flipped: np.ndarray, markers: ProgressMarkers) -> int:
-    """Write one batch's three arrays, then its done marker (so a marker means the chunks are whole)."""
-    where = slice(rows.start, rows.stop)
-    arrays["codes"][where] = codes
-    arrays["codes_flipped"][where] = flipped
-    arrays["rgb_diff"][where] = np.diff(clips.astype(np.int16), axis=1)  # frame[t+1] - frame[t]
-    markers.mark_done(rows.start)
-    return clips.shape[0] * clips.shape[1]
 
 
 def create_targets_store(path: Path, frames_shape: tuple[int, ...], downsample: int,
@@ -204,7 +194,7 @@ def create_targets_store(path: Path, frames_shape: tuple[int, ...], downsample: 
         group.create_array(name, shape=(n, t, *grid), chunks=(1, t, *grid), dtype="int16",
                            compressors=compressor(), fill_value=-1)
     group.create_array("rgb_diff", shape=(n, t - 1, h, w, 3), chunks=(1, t - 1, h, w, 3), dtype="int16",
-                       compressors=compressor(), fill_value=0)
+                       compressors=difference_compressor(), fill_value=0)
     group.attrs.update(attrs)
     return group
 

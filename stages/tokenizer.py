@@ -10,7 +10,8 @@ taming's PatchGAN discriminator with a hinge loss after a warm-up. Training runs
 so a killed run resumes from `runs/tokenizer/`.
 Input: `paths.clips`. Outputs: `artifacts/tokenizer/vqgan.pt` (models.vqgan.save_vqgan format, whatever
 the source), `metrics/tokenizer.json` (held-out reconstruction PSNR against predicting the mean frame,
-codebook usage and perplexity), `reports/tokenizer/` (originals-vs-reconstructions grid, training curve).
+codebook usage), `reports/tokenizer/` (results.json: those and the perplexity, source and sizes;
+originals-vs-reconstructions grid; training curve).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
+import zarr
 from einops import rearrange
 from pydantic import Field, model_validator
 from taming.modules.discriminator.model import NLayerDiscriminator, weights_init
@@ -42,11 +44,12 @@ from models.vqgan import (
     save_vqgan,
 )
 from pipeline.core import stage_cli
-from pipeline.core.atomic import atomic_dir, save_png, write_json
+from pipeline.core.atomic import atomic_dir, save_png
 from pipeline.core.errors import StageError
 from pipeline.core.fingerprint import fingerprint, input_stamp
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
+from pipeline.core.results import write_results
 from pipeline.core.stores import open_clips
 from pipeline.core.training import TrainParams, stage_train_params, train, write_history
 from pipeline.data.frames_dataset import (
@@ -63,6 +66,8 @@ log = logging.getLogger(__name__)
 PRESETS = {"tiny_f16": VQGANConfig.tiny_f16, "imagenet_f16_1024": VQGANConfig.imagenet_f16_1024,
            "imagenet_f16_16384": VQGANConfig.imagenet_f16_16384}
 MAX_CODES = 2**15 - 1  # codes are stored as int16 in targets.zarr
+# metrics/tokenizer.json (DVC's columns); everything else is in reports/tokenizer/results.json
+HEADLINE = ("psnr", "baseline_psnr", "codebook_usage")
 # Adam with taming's betas, no weight decay (it would pull the codebook towards 0). 2e-4: at 1e-3 the
 # tiny preset collapsed onto the mean frame and stayed there (also with norm_groups=1 and no clipping);
 # at 5e-5 it learned 3x slower. No gradient clipping: the early gradient norms (~6) were clipped to 1,
@@ -141,18 +146,15 @@ def run(params: Params, *, clips: Path, artifacts: Path, metrics: Path, reports:
             return {}  # rank 0 evaluates and writes
         model, source, history = result.model.vqgan, "trained", result.history
     check_model(model, store["frames"].shape[2], where=source)
-    if not len(val_rows):
-        log.warning("%s: no held-out clips; evaluating on training clips", clips)
-        val_rows = train_rows
-    size = centre_crop_size(min(store["frames"].shape[2:4]), model.config.downsample_factor)
-    frames = held_out_frames(store["frames"], val_rows, params.val_frames, size)
+    frames = evaluation_frames(store, params, model, where=clips)
     summary, recon = evaluate(model, frames, params.eval_batch)
     summary.update(source=source, codebook_size=model.codebook_size,
                    downsample=model.config.downsample_factor,
                    train_steps=params.train.steps if params.checkpoint is None else 0)
     with atomic_dir(artifacts) as tmp:
         save_vqgan(model.cpu().eval(), tmp / "vqgan.pt")
-    outputs = {"tokenizer": artifacts / "vqgan.pt", "metrics": write_json(metrics, summary),
+    outputs = {"tokenizer": artifacts / "vqgan.pt",
+               **write_results(summary, reports=reports, metrics=metrics, headline=HEADLINE),
                "grid": save_png(comparison_grid(frames, recon, params.grid_frames),
                                 reports / "reconstructions.png")}
     if history:
@@ -345,6 +347,18 @@ def work_fingerprint(params: Params, clips: Path, rows: np.ndarray) -> str:
 
 
 # ----------------------------------------------------------------------------- evaluation
+
+
+def evaluation_frames(store: zarr.Group, params: Params, model: VQGAN, *, where: Path) -> np.ndarray:
+    """The held-out frames the model is scored on (`val_frames` of the val split, or of the videos held
+    out by `val_fraction`; of the training clips when none is held out), centre-cropped to whole code
+    cells: (n, S, S, 3) uint8."""
+    train_rows, val_rows = split_rows(store, params.val_fraction)
+    if not len(val_rows):
+        log.warning("%s: no held-out clips; evaluating on training clips", where)
+        val_rows = train_rows
+    size = centre_crop_size(min(store["frames"].shape[2:4]), model.config.downsample_factor)
+    return held_out_frames(store["frames"], val_rows, params.val_frames, size)
 
 
 @torch.no_grad()

@@ -1,14 +1,19 @@
 """`dvc repro` runs the whole DAG (both branches, every stage of dvc.yaml) in a temporary copy of the
-repo on tiny params, and afterwards `dvc status` is clean."""
+repo on tiny params, and afterwards `dvc status` is clean; metrics files are git-tracked headline scalars
+and reports/ cached outputs, so an experiment (`dvc exp run -S`) compares with its baseline in
+`dvc exp show` and `dvc metrics diff`, and the baseline comes back with git and DVC clean."""
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 import zarr
 
@@ -70,17 +75,25 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
-def test_dvc_repro_then_status_clean(tmp_path):
-    repo = copy_repo(tmp_path / "repo")
+@pytest.fixture(scope="module")
+def reproduced(tmp_path_factory) -> tuple[Path, dict, str]:
+    """A copy of the repo after `dvc repro` on tiny params: (its root, the environment, repro's stdout)."""
+    repo = tmp_path_factory.mktemp("dvc")
+    repo = copy_repo(repo / "repo")
     params = tiny_params(yaml.safe_load((repo / "params.yaml").read_text()), motion=True)
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
            "MAM2_MLFLOW": "0"}
     repro = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=env, capture_output=True, text=True)
     assert repro.returncode == 0, repro.stdout + repro.stderr
+    return repo, env, repro.stdout
+
+
+def test_dvc_repro_then_status_clean(reproduced):
+    repo, env, stdout = reproduced
     stages = read_dvc_stages(repo)  # foreach stages as DVC names them: pseudo_labels@motion_gt
     assert len(stages) == 12, list(stages)
-    assert all(f"Running stage '{stage}'" in repro.stdout for stage in stages), repro.stdout
+    assert all(f"Running stage '{stage}'" in stdout for stage in stages), stdout
     store = zarr.open_group(str(repo / "data/clips.zarr"), mode="r")
     assert store["frames"].shape == (4, 9, 64, 64, 3)
     assert (repo / "dvc.lock").exists() and (repo / "reports/decode.json").exists()
@@ -95,3 +108,64 @@ def test_dvc_repro_then_status_clean(tmp_path):
         assert (repo / out).is_file(), out
     status = subprocess.run([str(BIN / "dvc"), "status"], cwd=repo, env=env, capture_output=True, text=True)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+
+
+def test_metrics_are_git_tracked_scalars_and_reports_are_cached_outputs(reproduced):
+    """DVC's get-started layout: metrics files (headline numbers only) go to git, reports/ to DVC's cache."""
+    repo, _, _ = reproduced
+    metrics = sorted((repo / "metrics").rglob("*.json"))
+    assert len(metrics) == 9, metrics
+    for path in metrics:
+        values = json.loads(path.read_text())
+        assert all(isinstance(v, int | float) for v in values.values()), (path, values)
+        assert len(values) <= 8, (path, values)
+    untracked = git(repo, "status", "--porcelain", "--untracked-files=all", "metrics", "reports")
+    assert {line[3:] for line in untracked.splitlines() if line.startswith("??")} >= {
+        str(path.relative_to(repo)) for path in metrics}, "metrics files are not git-ignored"
+    proofs = ("reports/refine_proof.", "reports/mam2_vs_videomae.")  # written by recipes, committed by hand
+    assert not [line for line in untracked.splitlines() if line[3:].startswith("reports/")
+                and not line.endswith(".gitignore") and not line[3:].startswith(proofs)], \
+        "reports/ is DVC's, ignored by its .gitignore files"
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    reports = {out["path"]: out for stage in read_dvc_stages(repo) for out in lock[stage].get("outs", [])
+               if out["path"].startswith("reports/")}
+    assert len(reports) == 10 and all(out["md5"] for out in reports.values()), reports
+    assert (repo / "reports" / "finetune" / "results.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_an_experiment_compares_with_its_baseline_and_leaves_git_clean(reproduced):
+    """`dvc exp run -S` then `dvc exp show` and `dvc metrics diff` show numbers for the baseline and the
+    experiment; restoring the baseline (git restore + dvc checkout) leaves git and DVC clean."""
+    repo, env, _ = reproduced
+    for key, value in (("user.name", "test"), ("user.email", "test@example.com")):
+        git(repo, "config", key, value)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "demo")
+    dvc = functools.partial(subprocess.run, cwd=repo, env=env, capture_output=True, text=True)
+    run = dvc([str(BIN / "dvc"), "exp", "run", "-n", "steps3", "-S", "finetune.train.steps=3"])
+    assert run.returncode == 0, run.stdout + run.stderr
+    shown = dvc([str(BIN / "dvc"), "exp", "show", "--json"])
+    assert shown.returncode == 0, shown.stderr
+    baseline = json.loads(shown.stdout)[-1]
+    experiment = baseline["experiments"][0]["revs"][0]
+    assert experiment["name"] == "steps3"
+    for rev in (baseline, experiment):
+        metrics = rev["data"]["metrics"]
+        assert "error" not in metrics["metrics/finetune.json"], metrics  # the `!` of git-ignored metrics
+        assert isinstance(metrics["metrics/finetune.json"]["data"]["top1"], float)
+    branch = git(repo, "rev-parse", "--abbrev-ref", "HEAD").strip()
+    diff = dvc([str(BIN / "dvc"), "metrics", "diff", "--all", "--json", branch, "steps3"])
+    assert diff.returncode == 0, diff.stderr
+    assert "top1" in json.loads(diff.stdout)["metrics/finetune.json"]
+    git(repo, "restore", "params.yaml", "dvc.lock", "metrics")
+    checkout = dvc([str(BIN / "dvc"), "checkout"])
+    assert checkout.returncode == 0, checkout.stderr
+    assert git(repo, "status", "--porcelain") == ""
+    status = dvc([str(BIN / "dvc"), "status"])
+    assert "up to date" in status.stdout, status.stdout
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout

@@ -16,7 +16,9 @@ every ``frame_step`` frames:
   None keeps the stored scale), and
   cut into ``num_crops`` spatial crops of ``crop_size`` spread along the width (left, centre, right
   for 3). Items carry the clip's ``video`` id so scores can be averaged per video (a
-  video decoded into several stored clips gets all their views).
+  video decoded into several stored clips gets all their views). `ViewPlan` is that recipe on its own;
+  `ClipViews` applies it to clips held in memory (a video file decoded as the decode stage stores it),
+  so a file is classified exactly as the evaluation split is.
 
 Flip is off by default: on direction-defined classes (translate left/right, rotate cw/ccw, SSv2's
 "left to right") a mirrored clip belongs to another class.
@@ -205,32 +207,102 @@ def random_resized_box(size: tuple[int, int], scale: tuple[float, float], ratio:
     return 0, 0, height, width
 
 
+@dataclass(frozen=True)
+class ViewPlan:
+    """How evaluation cuts views from a stored clip: ``num_clips`` temporal windows x ``num_crops``
+    spatial crops, after resizing the short side to ``short_side`` (None: the stored scale)."""
+
+    spec: ClipSpec
+    num_clips: int = 1
+    num_crops: int = 3
+    short_side: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_clips < 1 or self.num_crops < 1:
+            raise ValueError(f"num_clips and num_crops must be >= 1, got {self.num_clips} and "
+                             f"{self.num_crops}")
+        if self.short_side is not None and self.short_side < self.spec.crop_size:
+            raise ValueError(f"short_side {self.short_side} is smaller than the crop size "
+                             f"{self.spec.crop_size}")
+
+    @property
+    def per_clip(self) -> int:
+        """Views of one stored clip."""
+        return self.num_clips * self.num_crops
+
+    def locate(self, index: int) -> tuple[int, int, int]:
+        """(stored clip position, window, crop) of view `index`; a clip's views are consecutive, crops
+        fastest."""
+        position, rest = divmod(int(index), self.per_clip)
+        return (position, *divmod(rest, self.num_crops))
+
+    def first_frame(self, stored_frames: int, window: int) -> int:
+        """First stored frame of temporal window `window` of a clip of `stored_frames` frames."""
+        return window_start(stored_frames, self.spec.span, window, self.num_clips)
+
+    def crop(self, clip: torch.Tensor, crop: int) -> torch.Tensor:
+        """Spatial view `crop` of a window (C, T, H, W): resized to the short side, then cut."""
+        if self.short_side is not None and min(clip.shape[-2:]) != self.short_side:
+            clip = TF.resize(clip, self.short_side, antialias=True)  # (C, T, H, W): the last two resize
+        top, left = crop_origin(clip.shape[-2:], self.spec.crop_size, crop, self.num_crops)
+        size = self.spec.crop_size
+        return clip[..., top:top + size, left:left + size].contiguous()
+
+    def view(self, frames: np.ndarray, window: int, crop: int) -> torch.Tensor:
+        """View (window, crop) of a whole stored clip `frames` (T, H, W, 3) uint8, as (C, T', h, w)."""
+        start = self.first_frame(len(frames), window)
+        window_frames = np.asarray(frames[start:start + self.spec.span:self.spec.frame_step])
+        return self.crop(clip_to_tensor(window_frames), crop)
+
+
 class EvalViews(_StoreClips):
     """Every (stored clip, temporal window, spatial crop) view of a split; ``__getitem__(i)`` -> {"clip",
-    "label", "video", "window", "crop"}. Views of one stored clip are consecutive, crops fastest."""
+    "label", "video", "window", "crop"}. Views of one stored clip are consecutive, crops fastest.
+    ``video_names`` is the store's `videos` table (the source file of each video id)."""
 
     def __init__(self, path: Path | str, split: str, spec: ClipSpec, *, num_clips: int = 1,
                  num_crops: int = 3, short_side: int | None = None) -> None:
         super().__init__(path, split, spec)
-        if num_clips < 1 or num_crops < 1:
-            raise ValueError(f"num_clips and num_crops must be >= 1, got {num_clips} and {num_crops}")
-        if short_side is not None and short_side < spec.crop_size:
-            raise ValueError(f"short_side {short_side} is smaller than the crop size {spec.crop_size}")
+        self.plan = ViewPlan(spec, num_clips, num_crops, short_side)
         self.num_clips, self.num_crops, self.short_side = num_clips, num_crops, short_side
+        self.video_names = video_names(path)
 
     def __len__(self) -> int:
-        return len(self.rows) * self.num_clips * self.num_crops
+        return len(self.rows) * self.plan.per_clip
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        position, rest = divmod(int(index), self.num_clips * self.num_crops)
-        window, crop = divmod(rest, self.num_crops)
-        clip = self.read(position, window_start(self.info.num_frames, self.spec.span, window, self.num_clips))
-        if self.short_side is not None and min(clip.shape[-2:]) != self.short_side:
-            clip = TF.resize(clip, self.short_side, antialias=True)  # (C, T, H, W): the last two resize
-        top, left = crop_origin(clip.shape[-2:], self.spec.crop_size, crop, self.num_crops)
-        clip = clip[..., top:top + self.spec.crop_size, left:left + self.spec.crop_size]
-        return {"clip": clip.contiguous(), "label": int(self.labels[position]),
+        position, window, crop = self.plan.locate(index)
+        clip = self.plan.crop(self.read(position, self.plan.first_frame(self.info.num_frames, window)), crop)
+        return {"clip": clip, "label": int(self.labels[position]),
                 "video": int(self.videos[position]), "window": window, "crop": crop}
+
+
+class ClipViews(Dataset):
+    """`EvalViews` over clips in memory: every view of ``clips[i]`` ((T, H, W, 3) uint8, e.g. decoded
+    from a file as the decode stage stores them) with video id ``videos[i]`` and label -1."""
+
+    def __init__(self, clips: Sequence[np.ndarray], videos: Sequence[int], plan: ViewPlan) -> None:
+        if len(clips) != len(videos):
+            raise ValueError(f"{len(clips)} clips but {len(videos)} video ids")
+        short = [c.shape for c in clips if len(c) < plan.spec.span or min(c.shape[1:3]) < plan.spec.crop_size]
+        if short:
+            raise ValueError(f"clips of {short[0]} are too small for views of {plan.spec.span} frames at "
+                             f"{plan.spec.crop_size}px")
+        self.clips, self.videos, self.plan = list(clips), [int(v) for v in videos], plan
+
+    def __len__(self) -> int:
+        return len(self.clips) * self.plan.per_clip
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
+        position, window, crop = self.plan.locate(index)
+        return {"clip": self.plan.view(self.clips[position], window, crop), "label": -1,
+                "video": self.videos[position], "window": window, "crop": crop}
+
+
+def video_names(path: Path | str) -> list[str] | None:
+    """The source file of each video id of a clips store (its `videos` table), None if it has none."""
+    group = open_clips(path)
+    return [str(name) for name in group["videos"][:]] if "videos" in group else None
 
 
 def window_start(stored_frames: int, span: int, window: int, num_clips: int) -> int:

@@ -15,22 +15,26 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.core.figures import figure_image, pyplot
 from pipeline.core.progress import progress
 
 
 @dataclass
 class ViewScores:
-    """Softmax scores of every view (V, K) with the view's true label and video id."""
+    """Softmax scores of every view (V, K) with the view's true label and video id; ``video_names``
+    (when the views know them) names each video id by its source file."""
 
     scores: np.ndarray
     labels: np.ndarray
     videos: np.ndarray
+    video_names: list[str] | None = None
 
 
 @torch.no_grad()
 def score_views(model: nn.Module, views: Dataset, *, batch_size: int = 16, device: torch.device | str = "cpu",
                 workers: int = 0, autocast_dtype: torch.dtype | None = None) -> ViewScores:
-    """Softmax scores of every view of `views` (items with "clip", "label", "video")."""
+    """Softmax scores of every view of `views` (items with "clip", "label", "video"; the dataset's
+    ``video_names``, if it has them, are passed on)."""
     model.eval()
     device = torch.device(device)
     loader = DataLoader(views, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -43,7 +47,8 @@ def score_views(model: nn.Module, views: Dataset, *, batch_size: int = 16, devic
         scores.append(logits.float().softmax(dim=-1).cpu().numpy())
         labels.append(batch["label"].numpy())
         videos.append(batch["video"].numpy())
-    return ViewScores(np.concatenate(scores), np.concatenate(labels), np.concatenate(videos))
+    return ViewScores(np.concatenate(scores), np.concatenate(labels), np.concatenate(videos),
+                      getattr(views, "video_names", None))
 
 
 def average_per_video(views: ViewScores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -95,11 +100,7 @@ def classification_metrics(views: ViewScores, class_names: list[str]) -> dict:
 
 def confusion_image(matrix: np.ndarray, class_names: list[str]) -> np.ndarray:
     """Render a confusion matrix (row-normalised colours, counts written in) as (H, W, 3) uint8."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
     side = max(4.0, 0.6 * len(class_names) + 2)
     fig, ax = plt.subplots(figsize=(side, side), dpi=100)
@@ -118,8 +119,5 @@ def confusion_image(matrix: np.ndarray, class_names: list[str]) -> np.ndarray:
             ax.text(j, i, str(count), ha="center", va="center", fontsize=7,
                     color="white" if rates[i, j] > 0.5 else "black")
     fig.tight_layout()
-    fig.canvas.draw()
-    image = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return image
+    return figure_image(fig)
 

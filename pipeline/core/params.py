@@ -37,8 +37,9 @@ class Paths(StageParams):
                       "give labels) or a manifest file; demo_data writes a folder here")
     motion_gt: Path = Field(Path("data/motion_gt"), description="clips with exact flow and tracks")
     clips: Path = Field(Path("data/clips.zarr"), description="decoded clips store")
-    reports: Path = Field(Path("reports"), description="human-readable stage reports")
-    metrics: Path = Field(Path("metrics"), description="DVC metrics files")
+    reports: Path = Field(Path("reports"), description="stage reports: full results (results.json), "
+                          "curves, images")
+    metrics: Path = Field(Path("metrics"), description="DVC metrics files: each stage's headline scalars")
     artifacts: Path = Field(Path("artifacts"), description="trained models")
     runs: Path = Field(Path("runs"), description="resumable in-progress state")
     targets: Path = Field(Path("data/targets.zarr"), description="VQGAN codes and RGB differences "

@@ -1,12 +1,15 @@
 """Video lists for the `decode` stage: a folder of videos, or a manifest in one of the usual formats.
 
-Every reader returns `VideoEntry(path, label, split)` rows. Formats (see `parse_manifest`):
+Every reader returns `VideoEntry(path, label, split, source_split)` rows. Formats (see `parse_manifest`):
 
 - `csv`: `path,label[,split]`, optional header row; relative paths resolve against the video root.
 - `ucf101`: `trainlist0N.txt` (`Class/v_Class_g08_c01.avi 1`) and `testlist0N.txt` (path only).
 - `hmdb51`: `<class>_test_split<N>.txt` files (`video.avi 1|2|0`), one file or a folder of them.
-- `ssv2`: Something-Something v2 JSON (`id`, `template`); the class is the template without brackets.
+- `ssv2`: Something-Something v2 JSON (`id`, `template`); the class is the template without brackets,
+  checked against `labels.json` (or `something-something-v2-labels.json`) beside it.
 - `kinetics`: `label,youtube_id,time_start,time_end,split[,is_cc]` CSV of YouTube clips.
+
+A dataset's official split is a set of these files; pipeline/data/manifest_sets.py reads one set.
 
 Malformed input raises `ManifestError` naming the file and 1-based line. Missing videos are not
 errors here: the decode stage reports them per file, next to the ones it cannot decode.
@@ -31,18 +34,21 @@ MANIFEST_FORMATS = ("auto", "csv", "ucf101", "hmdb51", "ssv2", "kinetics")
 SPLITS = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
                   "validate": "val", "validation": "val", "test": "test", "testing": "test"}
-_HMDB_FILE = re.compile(r"^(?P<label>.+)_test_split(?P<number>\d+)\.txt$")
+HMDB_FILE = re.compile(r"^(?P<label>.+)_test_split(?P<number>\d+)\.txt$")
 _HMDB_IDS = {"1": "train", "2": "test"}  # "0": in neither half of this split
-_SSV2_LABELS = "something-something-v2-labels.json"
+SSV2_LABELS = ("labels.json", "something-something-v2-labels.json")
+UCF101_CLASSES = "classInd.txt"
 
 
 @dataclass(frozen=True)
 class VideoEntry:
-    """One video to decode: its file, its class name (None = unlabelled) and split (None = unknown)."""
+    """One video to decode: its file, its class name (None = unlabelled), its split (`train`, `val`
+    or `test`; None = unknown) and that split as its manifest names it (`validate`, `validation`)."""
 
     path: Path
     label: str | None
     split: str | None
+    source_split: str | None = None
 
 
 class ManifestError(StageError, ValueError):
@@ -116,13 +122,13 @@ def _parse_csv(path: Path, root: Path) -> list[VideoEntry]:
         if len(row) > 3 or not row[0]:
             raise _fail(path, line, f"expected `path,label[,split]`, got {len(row)} cells {row}")
         label, split = (row[1:] + ["", ""])[:2]
-        entries.append(VideoEntry(root / row[0], label or None, _split(path, line, split)))
+        entries.append(VideoEntry(root / row[0], label or None, _split(path, line, split), split or None))
     return entries
 
 
 def _ucf101_classes(path: Path) -> dict[int, str] | None:
     """classInd.txt beside a UCF101 split file (`1 ApplyEyeMakeup`), or None when it is absent."""
-    ind = path.with_name("classInd.txt")
+    ind = path.with_name(UCF101_CLASSES)
     if not ind.is_file():
         return None
     classes = {}
@@ -149,18 +155,19 @@ def _parse_ucf101(path: Path, root: Path) -> list[VideoEntry]:
                         f"in classInd.txt, but the video is in folder {label!r}")
         if known is not None and label.lower() not in known:
             raise _fail(path, line, f"class {label!r} is not in classInd.txt")
-        entries.append(VideoEntry(root / video, label, "train" if train else "test"))
+        split = "train" if train else "test"
+        entries.append(VideoEntry(root / video, label, split, split))
     return entries
 
 
 def _parse_hmdb51(path: Path, root: Path, split_number: int = 1) -> list[VideoEntry]:
     if path.is_dir():
         files = sorted(f for f in path.iterdir()
-                       if (m := _HMDB_FILE.match(f.name)) and int(m["number"]) == split_number)
+                       if (m := HMDB_FILE.match(f.name)) and int(m["number"]) == split_number)
         if not files:
             raise _fail(path, None, f"no `<class>_test_split{split_number}.txt` files in this folder")
         return [entry for f in files for entry in _parse_hmdb51(f, root)]
-    match = _HMDB_FILE.match(path.name)
+    match = HMDB_FILE.match(path.name)
     if not match:
         raise _fail(path, None, "HMDB51 split files are named `<class>_test_split<N>.txt`")
     entries = []
@@ -169,7 +176,8 @@ def _parse_hmdb51(path: Path, root: Path, split_number: int = 1) -> list[VideoEn
             raise _fail(path, line, f"expected `<video> <0|1|2>`, got {' '.join(fields)!r}")
         if fields[1] != "0":
             label = match["label"]
-            entries.append(VideoEntry(root / label / fields[0], label, _HMDB_IDS[fields[1]]))
+            split = _HMDB_IDS[fields[1]]
+            entries.append(VideoEntry(root / label / fields[0], label, split, split))
     return entries
 
 
@@ -200,19 +208,38 @@ def _json_items(path: Path) -> Iterator[tuple[int, object]]:
             raise _fail(path, line_at(pos), "expected ',' or ']' in the JSON list")
 
 
-def _split_from_name(path: Path) -> str | None:
-    """`something-something-v2-validation.json` -> "val"; None unless exactly one split is named."""
-    found = {_SPLIT_ALIASES[w] for w in re.split(r"[^a-z]+", path.stem.lower()) if w in _SPLIT_ALIASES}
-    return found.pop() if len(found) == 1 else None
+def split_word(path: Path) -> str | None:
+    """The split a file name gives (`something-something-v2-validation.json` -> "validation"), as
+    written; None unless exactly one split is named."""
+    words = {w for w in re.split(r"[^a-z]+", path.stem.lower()) if w in _SPLIT_ALIASES}
+    return words.pop() if len(words) == 1 else None
+
+
+def split_of_name(path: Path) -> str | None:
+    """The normalised split a file name gives (`validate.csv` -> "val"), or None."""
+    word = split_word(path)
+    return _SPLIT_ALIASES[word] if word else None
+
+
+def _ssv2_labels(path: Path) -> tuple[Path, set[str] | None]:
+    """The SSv2 class list beside `path` and its class names (None when there is no such file)."""
+    files = [path.with_name(name) for name in SSV2_LABELS]
+    labels_file = next((f for f in files if f.is_file()), files[0])
+    if not labels_file.is_file():
+        return labels_file, None
+    try:
+        known = json.loads(_read_text(labels_file))
+    except json.JSONDecodeError as err:
+        raise _fail(labels_file, err.lineno, f"invalid JSON: {err.msg}") from None
+    if not isinstance(known, dict):
+        raise _fail(labels_file, 1, "expected a JSON object of `class: index`")
+    return labels_file, set(known)
 
 
 def _parse_ssv2(path: Path, root: Path) -> list[VideoEntry]:
-    labels_file = path.with_name(_SSV2_LABELS)
-    try:
-        known = json.loads(_read_text(labels_file)) if labels_file.is_file() else None
-    except json.JSONDecodeError as err:
-        raise _fail(labels_file, err.lineno, f"invalid JSON: {err.msg}") from None
-    split, entries = _split_from_name(path), []
+    labels_file, known = _ssv2_labels(path)
+    word, entries = split_word(path), []
+    split = _SPLIT_ALIASES[word] if word else None
     for line, item in _json_items(path):
         if not isinstance(item, dict) or not str(item.get("id", "")).strip():
             raise _fail(path, line, f"expected an object with an \"id\", got {str(item)[:80]}")
@@ -220,7 +247,7 @@ def _parse_ssv2(path: Path, root: Path) -> list[VideoEntry]:
         label = template.replace("[", "").replace("]", "") if isinstance(template, str) else None
         if label is not None and known is not None and label not in known:
             raise _fail(path, line, f"class {label!r} is not in {labels_file.name}")
-        entries.append(VideoEntry(root / f"{str(item['id']).strip()}.webm", label, split))
+        entries.append(VideoEntry(root / f"{str(item['id']).strip()}.webm", label, split, word))
     return entries
 
 
@@ -247,11 +274,12 @@ def _parse_kinetics(path: Path, root: Path) -> list[VideoEntry]:
             start, end = (int(float(cell[k])) for k in ("time_start", "time_end"))
         except ValueError:
             raise _fail(path, line, "time_start and time_end must be numbers") from None
-        label, raw_split = cell.get("label") or None, cell.get("split", "")
+        label, raw_split = cell.get("label") or None, cell.get("split") or split_word(path) or ""
         split = _split(path, line, raw_split)
         name = f"{cell['youtube_id']}_{start:06d}_{end:06d}.mp4"
         split_dirs = list(dict.fromkeys(s for s in (raw_split, split) if s))  # `validate` or `val`
-        entries.append(VideoEntry(_kinetics_path(root, label, split_dirs, name), label, split))
+        entries.append(VideoEntry(_kinetics_path(root, label, split_dirs, name), label, split,
+                                  raw_split or None))
     return entries
 
 
@@ -259,8 +287,11 @@ def detect_format(path: Path) -> str:
     """The manifest format of `path`, from its name (and a CSV's header); ManifestError if unknown."""
     name = path.name.lower()
     if path.is_dir():
-        if any(_HMDB_FILE.match(f.name) for f in path.iterdir()):
+        if any(HMDB_FILE.match(f.name) for f in path.iterdir()):
             return "hmdb51"
+    elif name in (UCF101_CLASSES.lower(), *SSV2_LABELS):
+        raise _fail(path, None, "this is a class list, read beside the split files; it is not a "
+                    "manifest of videos")
     elif name.endswith(".json"):
         return "ssv2"
     elif name.endswith(".csv"):

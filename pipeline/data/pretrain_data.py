@@ -38,6 +38,7 @@ from models.masking import MASK_KINDS, make_mask
 from models.video_vit import grid_size
 from pipeline.core.errors import StageError, require
 from pipeline.core.stores import SPLITS, open_clips
+from pipeline.data.batch_reads import read_together, share_cores_in_worker
 
 TARGET_ARRAYS = ("codes", "codes_flipped", "rgb_diff")
 REQUIRED_ARRAYS = ("codes", "codes_flipped")  # rgb_diff can always be recomputed from the frames
@@ -141,21 +142,36 @@ def draw_crop(rng: np.random.Generator, stored_frames: int, stored_size: int, sa
     return Crop(t0, y0, x0, flipped)
 
 
+def pixel_selection(row: int, crop: Crop, frames: int, size: int) -> tuple:
+    """The (frames, size, size, C) window of row `row` of a (N, T, S, S, C) array under `crop`."""
+    return (row, slice(crop.t0, crop.t0 + frames), slice(crop.y0, crop.y0 + size),
+            slice(crop.x0, crop.x0 + size))
+
+
+def mirrored(pixels: np.ndarray, crop: Crop) -> np.ndarray:
+    """A window read at `pixel_selection`, mirrored (contiguous) when the crop is flipped."""
+    return np.ascontiguousarray(pixels[:, :, ::-1]) if crop.flipped else np.asarray(pixels)
+
+
 def crop_pixels(array: zarr.Array | np.ndarray, row: int, crop: Crop, frames: int, size: int) -> np.ndarray:
     """(frames, size, size, C) window of a (N, T, S, S, C) array at `crop`, mirrored when it is flipped."""
-    out = array[row, crop.t0:crop.t0 + frames, crop.y0:crop.y0 + size, crop.x0:crop.x0 + size]
-    return np.ascontiguousarray(out[:, :, ::-1]) if crop.flipped else np.asarray(out)
+    return mirrored(array[pixel_selection(row, crop, frames, size)], crop)
 
 
-def crop_codes(codes: zarr.Array | np.ndarray, codes_flipped: zarr.Array | np.ndarray, row: int, crop: Crop,
-               frames: int, size: int, stored_size: int, f: int) -> np.ndarray:
-    """(frames, size/f, size/f) codes under `crop`. A mirrored crop of columns [x0, x0+size) is columns
-    [S-x0-size, S-x0) of the mirrored frame, whose codes `codes_flipped` holds."""
+def code_selection(row: int, crop: Crop, frames: int, size: int, stored_size: int, f: int) -> tuple:
+    """The (frames, size/f, size/f) window of the codes under `crop`, in `codes_flipped` when the crop is
+    flipped: a mirrored crop of columns [x0, x0+size) is columns [S-x0-size, S-x0) of the mirrored frame."""
     x0 = stored_size - crop.x0 - size if crop.flipped else crop.x0
-    source = codes_flipped if crop.flipped else codes
-    k = size // f
-    return np.asarray(source[row, crop.t0:crop.t0 + frames, crop.y0 // f:crop.y0 // f + k,
-                             x0 // f:x0 // f + k])
+    y0, x0, k = crop.y0 // f, x0 // f, size // f
+    return row, slice(crop.t0, crop.t0 + frames), slice(y0, y0 + k), slice(x0, x0 + k)
+
+
+class Draw(NamedTuple):
+    """What a sample's seed decides: its store row, crop and mask."""
+
+    row: int
+    crop: Crop
+    mask: torch.Tensor
 
 
 class PretrainDataset(Dataset):
@@ -167,7 +183,9 @@ class PretrainDataset(Dataset):
     `frames[t+1] - frames[t]` of the sample's own frames, which the loss can compute on the device for
     free instead of reading and moving twice the frames' bytes. `codes` (T, I/f, I/f) int16; `mask`
     (N_tokens,) bool, True = masked. Stores open lazily in each worker process (open Zarr handles are
-    not shared across processes).
+    not shared across processes). A sample is drawn (crop and mask, from its seed), read, then assembled;
+    the DataLoader's one call per batch (`__getitems__`) gives Zarr all the batch's reads at once
+    (`pipeline.data.batch_reads`), and returns what `__getitem__` returns sample by sample.
     """
 
     def __init__(self, clips: Path | str, targets: Path | str | None, sampling: Sampling) -> None:
@@ -205,6 +223,7 @@ class PretrainDataset(Dataset):
     def arrays(self) -> dict[str, zarr.Array]:
         """The Zarr arrays this process reads, opened on first use."""
         if self._arrays is None:
+            share_cores_in_worker()
             arrays = {"frames": open_clips(self.clips_path)["frames"]}
             if self.info is not None:
                 group = zarr.open_group(str(self.targets_path), mode="r")
@@ -216,23 +235,47 @@ class PretrainDataset(Dataset):
         index, seed = key
         return self.sample(int(self.rows[index]), seed)
 
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        """The samples of a whole batch (the DataLoader's one call per batch), equal to `__getitem__`'s:
+        every read of the batch goes to Zarr at once (`read_together`)."""
+        draws = [self.draw(int(self.rows[index]), seed) for index, seed in keys]
+        reads = [self.reads(d) for d in draws]
+        values = iter(read_together(self.arrays(), [read for r in reads for read in r.values()]))
+        return [self.assemble(d, {name: next(values) for name in r})
+                for d, r in zip(draws, reads, strict=True)]
+
     def sample(self, row: int, seed: int) -> dict[str, Any]:
         """The sample of store row `row` augmented and masked as seed `seed` says."""
-        s, arrays = self.sampling, self.arrays()
+        draw, arrays = self.draw(row, seed), self.arrays()
+        return self.assemble(draw, {name: arrays[array][selection]
+                                    for name, (array, selection) in self.reads(draw).items()})
+
+    def draw(self, row: int, seed: int) -> Draw:
+        """The crop and mask seed `seed` gives row `row`."""
+        s = self.sampling
         rng = np.random.default_rng(seed)
         _, stored_frames, stored_size = self.frames_shape[:3]
         crop = draw_crop(rng, stored_frames, stored_size, s, self.align)
         generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        out: dict[str, Any] = {
-            "frames": torch.from_numpy(crop_pixels(arrays["frames"], row, crop, s.num_frames, s.input_size)),
-            "mask": make_mask(s.mask_kind, 1, self.grid, s.mask_ratio, generator)[0],
-            "row": row, "flipped": crop.flipped,
-        }
+        return Draw(row, crop, make_mask(s.mask_kind, 1, self.grid, s.mask_ratio, generator)[0])
+
+    def reads(self, draw: Draw) -> dict[str, tuple[str, tuple]]:
+        """What a sample reads: {field: (array name, selection)}."""
+        s, (row, crop, _) = self.sampling, draw
+        out = {"frames": ("frames", pixel_selection(row, crop, s.num_frames, s.input_size))}
         if s.rgb_diff:
-            diff = crop_pixels(arrays["rgb_diff"], row, crop, s.num_frames - 1, s.input_size)
-            out["rgb_diff"] = torch.from_numpy(diff)
+            out["rgb_diff"] = ("rgb_diff", pixel_selection(row, crop, s.num_frames - 1, s.input_size))
         if s.codes:
-            codes = crop_codes(arrays["codes"], arrays["codes_flipped"], row, crop, s.num_frames,
-                               s.input_size, stored_size, self.align)
-            out["codes"] = torch.from_numpy(codes)
+            window = code_selection(row, crop, s.num_frames, s.input_size, self.frames_shape[2], self.align)
+            out["codes"] = ("codes_flipped" if crop.flipped else "codes", window)
+        return out
+
+    def assemble(self, draw: Draw, values: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The sample from its draw and what was read for it (mirrored where the crop is flipped)."""
+        out: dict[str, Any] = {"frames": torch.from_numpy(mirrored(values["frames"], draw.crop)),
+                               "mask": draw.mask, "row": draw.row, "flipped": draw.crop.flipped}
+        if "rgb_diff" in values:
+            out["rgb_diff"] = torch.from_numpy(mirrored(values["rgb_diff"], draw.crop))
+        if "codes" in values:
+            out["codes"] = torch.from_numpy(np.asarray(values["codes"]))
         return out

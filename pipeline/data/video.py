@@ -125,8 +125,10 @@ def read_clips(path: Path, info: VideoInfo, clips: Sequence[Sequence[int]], stor
         import decord
 
         reader = decord.VideoReader(str(path), width=width, height=height, num_threads=1)
-        for indices in clips:
+        for number, indices in enumerate(clips, start=1):
             frames = reader.get_batch(list(indices)).asnumpy()
+            if number == len(clips):  # a live reader goes on decoding ahead in the background:
+                del reader            # drop it before the caller spends time on the last clip
             yield _checked(center_crop(frames, store_size), len(indices), store_size)
     else:
         for frames in _ffmpeg_clips(path, clips, width, height):
@@ -174,6 +176,21 @@ def _ffmpeg_clips(path: Path, clips: Sequence[Sequence[int]], width: int, height
         process.stdout.close()
         process.kill()
         process.wait()
+
+
+def read_frames(path: Path, info: VideoInfo, indices: Sequence[int], width: int, height: int
+                ) -> np.ndarray:
+    """Frames `indices` of a file, resized to width x height (bilinear, no crop): (N, H, W, 3) uint8."""
+    if info.backend == "decord":
+        import decord
+
+        reader = decord.VideoReader(str(path), width=width, height=height, num_threads=1)
+        frames = reader.get_batch(list(indices)).asnumpy()
+    else:
+        frames = next(_ffmpeg_clips(path, [list(indices)], width, height))
+    if frames.shape != (len(indices), height, width, 3):
+        raise VideoReadError(f"decoded {frames.shape}, expected {(len(indices), height, width, 3)}")
+    return np.ascontiguousarray(frames)
 
 
 def write_mp4(path: Path, frames: Iterable[np.ndarray], *, fps: float, crf: int = 18) -> Path:

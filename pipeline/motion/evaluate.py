@@ -319,6 +319,28 @@ def zero_motion_flow_scores(gt: zarr.Group, pairs_per_clip: int | None = None) -
     return mean_over_videos(rows)
 
 
+def zero_motion_tracks(tracks: np.ndarray, visible: np.ndarray, mode: QueryMode,
+                       size: tuple[int, int]) -> dict[str, float]:
+    """TAP-Vid metrics on one clip (tracks (T, P, 2), visible (T, P)) of predicting that every query
+    point stays where it was queried, visible throughout: the floor a useful tracker must beat."""
+    query_frames, points = sample_queries(visible, mode)
+    gt_tracks, gt_visible = tracks[:, points], visible[:, points]
+    still = np.broadcast_to(gt_tracks[query_frames, np.arange(len(points))][None], gt_tracks.shape)
+    return tapvid_metrics(query_frames, gt_tracks, gt_visible, still, np.ones_like(gt_visible), mode, size)
+
+
+def zero_motion_track_scores(gt: zarr.Group) -> dict[str, dict[str, float]]:
+    """`zero_motion_tracks` over the clips of a motion_gt store, per query mode, keyed as
+    `evaluate_ground_truth` keys the tracker's scores ("tracks_first", "tracks_strided")."""
+    size = tuple(gt["frames"].shape[2:4])
+    rows: dict[str, list[dict[str, float]]] = {mode: [] for mode in QUERY_MODES}
+    for i in range(gt["tracks"].shape[0]):
+        tracks, visible = np.asarray(gt["tracks"][i]), np.asarray(gt["visible"][i])
+        for mode in QUERY_MODES:
+            rows[mode].append(zero_motion_tracks(tracks, visible, mode, size))
+    return {f"tracks_{mode}": mean_over_videos(found) for mode, found in rows.items()}
+
+
 def consecutive_pairs(frames: zarr.Array, clips: np.ndarray, count: int) -> tuple[Tensor, Tensor]:
     """Frames (N, 3, H, W) of up to `count` pairs (t, t+1) spread evenly over the given clips of a
     frames array (N, T, H, W, 3): first frames, second frames."""

@@ -2,8 +2,9 @@
 
 `flow_to_color` colour-codes a flow field (hue = direction, saturation = magnitude, still = white),
 `draw_tracks` overlays points on frames, `track_overlays` renders ground truth and model tracks side by
-side, and `save_comparison` writes the before/after panels the refine stage logs: a PNG of
-frame | [ground-truth flow |] flow per model, and an mp4 of [ground-truth tracks |] tracks per model.
+side, `save_comparison` writes the before/after panels the refine stage logs: a PNG of
+frame | [ground-truth flow |] flow per model, and an mp4 of [ground-truth tracks |] tracks per model, and
+`before_after_chart` draws a target's scores before and after refinement (and zero motion's) as bars.
 Frames are (T, H, W, 3) uint8; flow (2, H, W) or (H, W, 2) pixels (x, y); tracks (T, N, 2) (x, y).
 """
 
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from models.tracker import track_long
 from pipeline.core.atomic import save_png
+from pipeline.core.figures import BarPanel, bar_panels, figure_image, pyplot
 from pipeline.core.tensors import image_to_tensor
 from pipeline.data.video import write_mp4
 from pipeline.motion.evaluate import evaluate_tracker_clip, predict_flow, sample_queries
@@ -107,11 +109,7 @@ def color_wheel(max_magnitude: float, size: int) -> np.ndarray:
 
 def labelled_panel(images: list[np.ndarray], titles: list[str]) -> np.ndarray:
     """Images side by side, each titled, rendered as one (H, W, 3) uint8 image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     aspect = images[0].shape[0] / images[0].shape[1]
     fig, axes = plt.subplots(1, len(images), figsize=(2.2 * len(images), 2.2 * aspect + 0.4), dpi=100)
     for axis, image, title in zip(np.atleast_1d(axes), images, titles, strict=True):
@@ -119,10 +117,41 @@ def labelled_panel(images: list[np.ndarray], titles: list[str]) -> np.ndarray:
         axis.set_title(title, fontsize=7)
         axis.axis("off")
     fig.tight_layout()
-    fig.canvas.draw()
-    out = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(fig)
-    return out
+    return figure_image(fig)
+
+
+# (group, metric, panel title, y-axis label) of the before/after chart, in order; a target's chart has
+# the ones its scores hold (motion_gt: against ground truth; clips: label-free)
+CHART_METRICS = (
+    ("flow", "epe", "flow EPE", "px (lower is better)"),
+    ("flow", "acc_1px", "flow 1 px accuracy", "fraction of pixels (higher is better)"),
+    ("tracks_first", "delta_avg", "tracks δ_avg, first queries", "TAP-Vid δ_avg (higher is better)"),
+    ("tracks_strided", "delta_avg", "tracks δ_avg, strided queries", "TAP-Vid δ_avg (higher is better)"),
+    ("flow", "cycle_consistent_fraction", "cycle-consistent flow", "fraction of pixels (higher is better)"),
+    ("flow", "photometric_error", "photometric error", "mean |I0 - warped I1| (lower is better)"),
+)
+PHASE_COLOURS = {"before": "tab:blue", "after": "tab:orange", "zero motion": "lightgrey"}
+
+
+def before_after_chart(scores: dict, title: str) -> np.ndarray:
+    """Bars of one target's scores ({"before", "after"[, "zero_motion"]} -> {group: {metric: value}}, as
+    the refine stage computes them): per metric of `CHART_METRICS` present, before vs after refinement
+    (the change in the panel's title) and zero motion's score as a hatched reference bar where known."""
+    panels = []
+    for group, name, label, unit in CHART_METRICS:
+        before, after = (scores.get(phase, {}).get(group, {}).get(name) for phase in ("before", "after"))
+        if before is None or after is None:
+            continue
+        bars = {"before": before, "after": after}
+        zero = scores.get("zero_motion", {}).get(group, {}).get(name)
+        if zero is not None:
+            bars["zero motion"] = zero
+        change = f"after - before: {after - before:+.3g}"
+        change += f" ({after / before - 1:+.1%})" if before else ""
+        panels.append(BarPanel(f"{label}\n{change}", unit, bars, hatched={"zero motion"}))
+    if not panels:
+        raise ValueError(f"no before/after scores to chart among {sorted(scores)}")
+    return bar_panels(panels, title, colours=PHASE_COLOURS)
 
 
 def save_comparison(frames: np.ndarray, tracks: np.ndarray, visible: np.ndarray | None,

@@ -1,8 +1,9 @@
 """The `mam2` command: `mam2 <stage> [--params FILE] [--set section.key=value ...]` and the other commands.
 
 `mam2 <stage>` runs the stage's command line (`pipeline.core.stage_cli`, the same as
-`python -m stages.<stage>`); `check-params`, `pipeline`, `serve`, `runs` and `experiment` are listed
-by `mam2 --help`. Stage modules are imported only when needed (their imports are slow).
+`python -m stages.<stage>`); the other commands (`check-params`, `pipeline`, `serve`, `runs`,
+`experiment`, `evaluate`, `predict`, `export`, ...) are listed by `mam2 --help`. Stage modules are
+imported only when needed (their imports are slow).
 """
 
 from __future__ import annotations
@@ -41,6 +42,36 @@ def _runs(argv: list[str]) -> int:
     return runs_main(argv)
 
 
+def _evaluate(argv: list[str]) -> int:
+    from pipeline.orchestrate.evaluate_cli import main as evaluate_main
+
+    return evaluate_main(argv)
+
+
+def _predict(argv: list[str]) -> int:
+    from pipeline.orchestrate.predict_cli import main as predict_main
+
+    return predict_main(argv)
+
+
+def _export(argv: list[str]) -> int:
+    from pipeline.orchestrate.export_cli import main as export_main
+
+    return export_main(argv)
+
+
+def _flow(argv: list[str]) -> int:
+    from pipeline.motion.flow_cli import main as flow_main
+
+    return flow_main(argv)
+
+
+def _track(argv: list[str]) -> int:
+    from pipeline.motion.track_cli import main as track_main
+
+    return track_main(argv)
+
+
 COMMANDS = {
     "check-params": ("validate every section of a params file", None),
     "pipeline": ("run the Prefect flow here or as the served deployment; a failure names the stage "
@@ -48,6 +79,16 @@ COMMANDS = {
     "serve": ("serve the Prefect deployment mam2/full (mam2 serve --help)", _serve),
     "runs": ("table of MLflow runs and their key metrics (mam2 runs --help)", _runs),
     "experiment": ("run a named experiment (mam2 experiment mam2-vs-videomae --help)", _experiment),
+    "evaluate": ("score a stage's saved model again without training: finetune, tokenizer, "
+                 "motion_pretrain, refine (mam2 evaluate --help)", _evaluate),
+    "predict": ("top-5 classes of video files with the fine-tuned classifier (mam2 predict --help)",
+                _predict),
+    "export": ("export the encoder or classifier to VideoMAE's layout or safetensors, the flow model to "
+               "a torchvision RAFT state dict (mam2 export --help)", _export),
+    "flow": ("colour-coded optical-flow video of a video file, beside its frames (mam2 flow --help)",
+             _flow),
+    "track": ("points tracked through a video file, drawn with trails and occlusion; tracks to "
+              "JSON/CSV (mam2 track --help)", _track),
 }
 
 

@@ -43,6 +43,7 @@ from pipeline.core.params import (
     validate_section,
 )
 from pipeline.core.progress import setup_logging
+from pipeline.core.results import RESULTS_FILE
 from stages import finetune, pretrain
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def run_variant(variant: Variant, pre: pretrain.Params, fine: finetune.Params, p
                          run_dir=folder / "runs" / "pretrain", metrics=folder / "metrics" / "pretrain.json",
                          reports=folder / "reports" / "pretrain")
         row["pretrain_seconds"] = round(time.perf_counter() - tick, 1)
-        stats = json.loads((folder / "metrics" / "pretrain.json").read_text())
+        stats = json.loads((folder / "reports" / "pretrain" / RESULTS_FILE).read_text())
         row.update(pretrain_epochs=round(stats["epochs"], 2), pretrain_steps=stats["steps"])
     tick = time.perf_counter()
     with mlflow_run("finetune", fine_v, tags=tags):
@@ -180,7 +181,7 @@ def run_variant(variant: Variant, pre: pretrain.Params, fine: finetune.Params, p
         row["finetune_seconds"] = round(time.perf_counter() - tick, 1)
         current_run().log_metrics({"experiment/pretrain_seconds": row["pretrain_seconds"],
                                "experiment/finetune_seconds": row["finetune_seconds"]})
-    scores = json.loads((folder / "metrics" / "finetune.json").read_text())
+    scores = json.loads((folder / "reports" / "finetune" / RESULTS_FILE).read_text())
     k = min(5, len(scores["class_names"]))
     row.update(top1=scores["top1"], topk=scores[f"top{k}"], k=k,
                wall_seconds=round(row["pretrain_seconds"] + row["finetune_seconds"], 1))

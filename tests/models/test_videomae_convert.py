@@ -1,4 +1,5 @@
-"""VideoMAE checkpoints: both published layouts load with zero missing keys; mismatches name the keys."""
+"""VideoMAE checkpoints: both published layouts load with zero missing keys; mismatches name the keys;
+our encoder and classifier written in those layouts load back as the same function."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from models.video_vit import build_encoder
 from models.videomae_convert import (
     VideoMAEConversionError,
     load_head,
+    load_videomae_classifier,
     load_videomae_encoder,
     read_videomae_state,
+    videomae_classifier_state,
     videomae_encoder_config,
+    videomae_encoder_state,
     videomae_sincos_table,
 )
 
@@ -179,3 +183,63 @@ def test_unreadable_layouts_are_rejected(tmp_path):
     torch.save({"model": {"something.else": torch.zeros(2)}}, path)
     with pytest.raises(VideoMAEConversionError, match="patch embedding"):
         load_videomae_encoder(path, img_size=32, num_frames=4)
+
+
+# ----------------------------------------------------------------------------- ours -> VideoMAE
+def test_encoder_export_uses_the_names_the_loader_reads_and_round_trips(tmp_path):
+    """The pre-trained layout written from our encoder (k bias zero: nothing dropped) loads back with zero
+    missing keys, the same tensors, and our position table as pos_embed: the same function."""
+    torch.manual_seed(2)
+    source = build_encoder("tiny", **SIZE, **WIDTH, init_values=0.1)  # layer scales: gamma_1 / gamma_2
+    with torch.no_grad():
+        for block in source.blocks:
+            block.attn.qkv.bias.normal_()
+            block.attn.qkv.bias[64:128] = 0
+    state, notes = videomae_encoder_state(source)
+    assert all(key.startswith("encoder.") for key in state)
+    assert {"encoder.patch_embed.proj.weight", "encoder.blocks.0.gamma_1", "encoder.blocks.1.attn.q_bias",
+            "encoder.blocks.1.attn.v_bias", "encoder.norm.weight", "encoder.pos_embed"} <= set(state)
+    assert not any("qkv.bias" in key or "ls1" in key for key in state) and len(notes) == 1  # no k bias note
+    path = tmp_path / "exported.pth"
+    torch.save({"model": state}, path)
+    encoder, config, head, report = load_videomae_encoder(path, img_size=32, num_frames=4, num_heads=4,
+                                                          source_num_frames=4, source_img_size=32)
+    assert report.layout == "pretrain" and report.offending == [] and report.ignored == [] and head == {}
+    assert config["init_values"] is not None and "pos_embed" in report.matched
+    ours = encoder.state_dict()
+    for key, value in source.state_dict().items():
+        assert torch.equal(ours[key], value), key
+    assert torch.equal(encoder.pos_embed(encoder.grid), source.pos_embed(source.grid))
+    x = torch.rand(2, 3, 4, 32, 32)
+    assert torch.equal(encoder.eval()(x), source.eval()(x))
+
+
+def test_classifier_export_round_trips_to_the_same_logits(tmp_path):
+    """A fine-tuned-layout export of a classifier with a non-zero k bias: the k bias is dropped (noted),
+    everything else loads back as it was, and the logits agree (softmax ignores a per-query shift)."""
+    torch.manual_seed(3)
+    model = VideoClassifier(build_encoder("tiny", **SIZE, **WIDTH), 5, input_norm="imagenet",
+                            head_init_scale=1.0)
+    with torch.no_grad():
+        for block in model.encoder.blocks:
+            block.attn.qkv.bias.normal_()  # k bias too
+        model.fc_norm.weight.normal_()
+    state, notes = videomae_classifier_state(model)
+    assert {"fc_norm.weight", "head.bias", "pos_embed", "blocks.0.attn.q_bias"} <= set(state)
+    assert not any(key.startswith(("encoder.", "norm.")) for key in state)  # no final norm: mean pooling
+    assert any("k bias is dropped" in note for note in notes)
+    path = tmp_path / "classifier.pth"
+    torch.save({"model": state, "mam2": {"format": "mam2.classifier"}}, path)
+    back, _, report = load_videomae_classifier(path, img_size=32, num_frames=4, source_num_frames=4,
+                                               source_img_size=32, num_heads=4)
+    assert report.layout == "finetuned" and report.offending == [] and back.num_classes == 5
+    assert isinstance(back.encoder.norm, torch.nn.Identity) and back.input_norm == "imagenet"
+    for key in ("head.weight", "fc_norm.weight", "encoder.blocks.1.mlp.fc2.weight"):
+        assert torch.equal(back.state_dict()[key], model.state_dict()[key]), key
+    x = torch.rand(2, 3, 4, 32, 32)
+    torch.testing.assert_close(back(x), model.eval()(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(VideoMAEConversionError, match="no classification head"):
+        torch.save({"model": videomae_encoder_state(build_encoder("tiny", **SIZE, **WIDTH))[0]},
+                   tmp_path / "enc.pth")
+        load_videomae_classifier(tmp_path / "enc.pth", img_size=32, num_frames=4, source_num_frames=4,
+                                 source_img_size=32, num_heads=4)

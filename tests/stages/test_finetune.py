@@ -4,6 +4,7 @@ experiment runner writes its table from per-variant folders."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from models.encoder_io import save_encoder
 from models.video_vit import build_encoder
 from pipeline.core.errors import StageError
 from pipeline.data.synthetic import SceneStyle
-from stages.finetune import Params, run
+from stages.finetune import Params, run, validation
 from tests.models.test_videomae_convert import source_encoder, videomae_state
 from tests.pipeline.classify.test_data import write_class_store
 
@@ -73,7 +74,7 @@ def test_scratch_finetune_beats_chance(tmp_path):
     p = params(init="scratch", num_frames=4, frame_step=2, mixup=0.0, cutmix=0.0,
                train={"steps": 200, "batch_size": 16, "base_lr": 0.032, "warmup_steps": 10, "log_every": 50})
     out = finetune(tmp_path, store, p)
-    metrics = json.loads(out["metrics"].read_text())
+    metrics = json.loads(out["results"].read_text())
     assert metrics["videos"] == 64 and metrics["train_clips"] == 192 and metrics["init"] == "scratch"
     assert metrics["top1"] >= 0.5, metrics  # chance is 0.25
 
@@ -90,7 +91,7 @@ def test_linear_mode_leaves_the_encoder_unchanged(tmp_path, small_store):
     for key, value in after.items():
         assert torch.equal(before[key], value), key
     assert model.head.weight.abs().max() > 0.001 * 0.02 * 5  # the head did train
-    metrics = json.loads(out["metrics"].read_text())
+    metrics = json.loads(out["results"].read_text())
     assert metrics["mode"] == "linear" and metrics["train_clips"] == 12 and metrics["videos"] == 4
     assert config["class_names"] == MOTIONS and config["encoder"]["img_size"] == 32
 
@@ -99,19 +100,24 @@ def test_outputs_metrics_and_a_kill_resumes(tmp_path, small_store):
     p = params(init="scratch", train={"steps": 4, "stop_after": 2, "checkpoint_every": 2})
     finetune(tmp_path, small_store, p)
     assert not (tmp_path / "metrics" / "finetune.json").exists()  # stopped: no outputs yet
+    assert not (tmp_path / "reports" / "finetune" / "results.json").exists()
     assert (tmp_path / "runs" / "finetune" / "checkpoint.pt").exists()
     resumed = p.model_copy(update={"train": p.train.model_copy(update={"stop_after": None})})
     out = finetune(tmp_path, small_store, resumed)
-    metrics = json.loads(out["metrics"].read_text())
+    metrics = json.loads(out["results"].read_text())
     assert {"top1", "top4", "top1_single_view", "per_class", "confusion", "train_steps"} <= set(metrics)
     assert not [k for k in metrics if k.endswith(("seconds", "_per_s"))], "timings go to MLflow, not DVC"
     assert sum(map(sum, metrics["confusion"])) == 4 and set(metrics["per_class"]) == set(MOTIONS)
+    # DVC's metrics file: the headline scalars only (4 classes: top-4 is the top-k)
+    assert json.loads(out["metrics"].read_text()) == {"top1": metrics["top1"], "top4": metrics["top4"]}
+    assert out["results"] == out["reports"] / "results.json"
     history = (out["reports"] / "history.csv").read_text().splitlines()
     steps = [line.split(",")[0] for line in history]
     assert steps == ["step", "2", "4"]  # the killed run's rows too, not only the resumed run's
     assert (out["reports"] / "confusion.png").stat().st_size > 1000
     predictions = json.loads((out["reports"] / "predictions.json").read_text())
     assert len(predictions) == 4 and {p["label"] for p in predictions} == set(MOTIONS)
+    assert all(p["path"] == f"v{p['video']}.mp4" for p in predictions)  # named by file, as the store does
     assert json.loads((out["artifacts"] / "init_report.json").read_text()) == {"init": "scratch"}
 
 
@@ -238,3 +244,24 @@ def test_two_process_torchrun_matches_one_process(tmp_path, small_store):
             width = a.shape[0] // 3
             a, b = torch.cat([a[:width], a[2 * width:]]), torch.cat([b[:width], b[2 * width:]])
         assert torch.allclose(a, b, atol=1e-5), key
+
+
+def test_validation_curve_joins_the_history_and_survives_a_kill(tmp_path, small_store):
+    """Every val_every steps (and after the last) the centre views of the val clips are scored: val loss
+    and top-1 in the history rows of those steps and in curves.png; a killed run resumes to the same
+    history.csv; val_every 0 turns it off."""
+    p = params(init="scratch", val_every=2, train={"steps": 5, "log_every": 1, "checkpoint_every": 2})
+    finetune(tmp_path / "straight", small_store, p)
+    stopped = p.model_copy(update={"train": p.train.model_copy(update={"stop_after": 2})})
+    finetune(tmp_path / "killed", small_store, stopped)
+    out = finetune(tmp_path / "killed", small_store, p)
+    with open(out["reports"] / "history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["step"] for row in rows] == ["1", "2", "3", "4", "5"]
+    assert [row["step"] for row in rows if row["val_top1_centre"]] == ["2", "4", "5"]
+    assert all(float(row["val_loss"]) > 0 and 0 <= float(row["val_top1_centre"]) <= 1
+               for row in rows if row["val_loss"])
+    straight = tmp_path / "straight" / "reports" / "finetune" / "history.csv"
+    assert (out["reports"] / "history.csv").read_text() == straight.read_text()
+    assert (out["reports"] / "curves.png").stat().st_size > 10_000
+    assert validation(params(val_every=0), small_store, p.train) is None

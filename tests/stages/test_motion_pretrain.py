@@ -21,7 +21,7 @@ from pipeline.motion.synthetic_data import SyntheticFlowPairs, SyntheticTrackWin
 from stages import densify, pseudo_labels, refine
 from stages.demo_data import Params as DemoParams
 from stages.demo_data import write_motion_gt
-from stages.motion_pretrain import Params, run
+from stages.motion_pretrain import HEADLINE, Params, run
 
 TINY_TRAIN = {"steps": 2, "batch_size": 2, "warmup_steps": 1, "checkpoint_every": 1, "log_every": 1}
 TINY = dict(flow_updates=2, tracker_points=8, tracker_iters=2, eval_flow_updates=2, eval_tracker_iters=2,
@@ -72,11 +72,12 @@ def test_tiny_run_writes_loadable_artifacts_and_resumes(pretrained):
     blob = torch.load(out["flow"], weights_only=True)
     assert blob["format"] == "mam2.flow" and blob["name"] == "raft_small"
     assert tracker.config.window == 8
-    metrics = json.loads(out["metrics"].read_text())
+    metrics = json.loads(out["results"].read_text())
     for key in ("flow_epe", "flow_epe_zero_motion", "flow_acc_1px", "track_error_px",
                 "track_error_px_zero_motion", "track_delta_avg", "track_delta_avg_zero_motion"):
         assert np.isfinite(metrics[key]), key
     assert metrics["flow_source"] == metrics["tracker_source"] == "trained"
+    assert json.loads(out["metrics"].read_text()) == {key: metrics[key] for key in HEADLINE}
     for name in ("flow_history.csv", "tracker_history.csv"):
         assert (tmp_path / "reports" / name).read_text().count("\n") == 3  # header + 2 steps
     assert (tmp_path / "runs" / "flow" / "checkpoint.pt").exists()
@@ -94,7 +95,7 @@ def test_given_checkpoints_are_loaded_not_trained(tmp_path, pretrained):
                tmp_path / "raft-small.pth")  # princeton-vl format
     out = pretrain(tmp_path / "b", motion_gt, flow_checkpoint=tmp_path / "raft-small.pth",
                    tracker_checkpoint=first["tracker"])
-    metrics = json.loads(out["metrics"].read_text())
+    metrics = json.loads(out["results"].read_text())
     assert metrics["flow_source"] == metrics["tracker_source"] == "checkpoint"
     assert not (tmp_path / "b" / "runs" / "flow").exists(), "nothing was trained"
     assert metrics["flow_epe"] == pytest.approx(json.loads(first["metrics"].read_text())["flow_epe"])
@@ -135,7 +136,7 @@ def test_the_whole_branch_runs_on_tiny_data(tmp_path, pretrained):
                      train_labels={source: tmp_path / f"{source}_train.zarr" for source in sources},
                      motion_gt=motion_gt, artifacts=tmp_path / "refined", run_dir=tmp_path / "runs",
                      metrics=tmp_path / "refine.json", reports=tmp_path / "r3")
-    metrics = json.loads(out["metrics"].read_text())
+    metrics = json.loads(out["results"].read_text())
     assert metrics["clips"]["labels"]["flow_pairs"] == 2 and metrics["clips"]["labels"]["track_samples"] > 0
     assert set(metrics["motion_gt"]["after"]) == {"flow", "tracks_first", "tracks_strided"}
     assert metrics["motion_gt"]["before"] != metrics["motion_gt"]["after"], "the models were refined"
@@ -161,7 +162,7 @@ def test_demo_budget_beats_zero_motion(tmp_path):
     write_motion_gt(tmp_path / "motion_gt", DemoParams())
     out = run(Params(), motion_gt=tmp_path / "motion_gt", artifacts=tmp_path / "artifacts",
               metrics=tmp_path / "m.json", reports=tmp_path / "reports", runs=tmp_path / "runs")
-    metrics = json.loads(out["metrics"].read_text())
+    metrics = json.loads(out["results"].read_text())
     assert metrics["flow_epe"] < 0.9 * metrics["flow_epe_zero_motion"], metrics
     assert metrics["flow_acc_1px"] > 0.6, metrics
     assert metrics["track_error_px"] < 0.8 * metrics["track_error_px_zero_motion"], metrics

@@ -86,7 +86,9 @@ def test_mam2_run_learns_writes_loadable_artifacts_and_logs(tmp_path, one_thread
         outputs = pretrain(tmp_path, params, tokenizer=tiny_vqgan(tmp_path / "vqgan.pt"))
     rows = history(tmp_path)
     assert fell(rows, "loss_appearance", 0.7) and fell(rows, "loss_motion", 0.7), rows
-    metrics = json.loads(outputs["metrics"].read_text())
+    metrics = json.loads(outputs["results"].read_text())
+    headline = ("loss", "appearance_acc", "appearance_acc_baseline", "motion_mse", "motion_mse_baseline")
+    assert json.loads(outputs["metrics"].read_text()) == {key: metrics[key] for key in headline}
     assert metrics["steps"] == 60 and metrics["train_clips"] == 2 and "clips_per_s" not in metrics
     assert {"loss", "loss_appearance", "loss_motion", "motion_mse", "appearance_acc"} <= set(metrics)
     # the trivial baselines beside them, on the same masked targets: a constant code, a zero difference
@@ -101,10 +103,12 @@ def test_mam2_run_learns_writes_loadable_artifacts_and_logs(tmp_path, one_thread
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, full["state_dict"][f"encoder.{key}"]), key
     reports = sorted(p.name for p in (tmp_path / "reports").iterdir())
-    assert reports == ["codes_target_vs_pred.png", "history.csv", "motion_target_vs_pred.png"]
-    # 2 clips x 3 bands (masked input, target, prediction) of 16 px + 2 px gaps; 3 differences or 4 frames
-    assert np.asarray(Image.open(tmp_path / "reports" / "motion_target_vs_pred.png")).shape == (108, 54, 3)
-    assert np.asarray(Image.open(tmp_path / "reports" / "codes_target_vs_pred.png")).shape == (108, 72, 3)
+    assert reports == ["codes_target_vs_pred.png", "history.csv", "motion_target_vs_pred.png", "results.json"]
+    # 2 clips x 3 bands (masked input, target, prediction) of 16 px + 2 px gaps; 3 differences or 4 frames;
+    # the 18 px cells enlarged x4, with row labels left, column labels and the title above
+    for name, width in (("motion_target_vs_pred.png", 54), ("codes_target_vs_pred.png", 72)):
+        height_px, width_px, _ = np.asarray(Image.open(tmp_path / "reports" / name)).shape
+        assert height_px > 4 * 108 and width_px > 4 * width + 100, name
     run_data = mlflow.MlflowClient().get_run(tracked.run_id).data
     logged = set(run_data.metrics)
     assert {"train/loss_appearance", "train/loss_motion", "train/appearance_acc", "train/lr",
@@ -123,7 +127,11 @@ def test_videomae_runs_without_a_targets_store(tmp_path, one_thread):
     assert "loss_appearance" not in rows[0] and "appearance_acc_baseline" not in rows[0]
     assert rows[-1]["loss_pixel"] < rows[-1]["pixel_mse_baseline"] <= 1 + 1e-4, rows[-1]
     load_encoder(tmp_path / "artifacts" / "encoder.pt")
-    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["frames_masked.png", "history.csv"]
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == ["frames_masked.png", "history.csv",
+                                                                        "results.json"]
+    # the pixel objective's headline: its MSE beside predicting zero, no appearance or motion columns
+    headline = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(headline) == {"loss", "pixel_mse", "pixel_mse_baseline"}
 
 
 def test_resume_and_stored_differences_give_the_same_encoder(tmp_path, one_thread):
@@ -172,7 +180,7 @@ def test_cae_switches_reach_the_model(tmp_path, one_thread):
     params = tiny_params(align_weight=2.0, regressor_block="cae", sample_clips=0,
                          train={"steps": 2, "log_every": 1})
     pretrain(tmp_path, params)
-    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "reports" / "results.json").read_text())
     assert np.isfinite(metrics["loss_align"]) and metrics["loss_align"] > 0
     full = torch.load(tmp_path / "artifacts" / "model.pt", weights_only=True)
     assert full["params"]["regressor_block"] == "cae" and full["params"]["align_weight"] == 2.0
@@ -220,7 +228,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, one_thread):  # ~10 
             width = a.shape[0] // 3
             a, b = torch.cat([a[:width], a[2 * width:]]), torch.cat([b[:width], b[2 * width:]])
         assert torch.allclose(a, b, atol=1e-6), key
-    assert json.loads((tmp_path / "two" / "metrics" / "pretrain.json").read_text())["steps"] == 4
+    assert json.loads((tmp_path / "two" / "reports" / "pretrain" / "results.json").read_text())["steps"] == 4
 
 
 def test_a_named_size_sets_every_dimension_at_paper_scale():

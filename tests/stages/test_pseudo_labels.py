@@ -24,7 +24,7 @@ from pipeline.data.synthetic import GT_STYLE, render_motion_clip
 from pipeline.motion.cycle import flow_label_mask, grid_queries
 from pipeline.motion.label_store import append_flow, counts, mark_done, open_label_store, start_partial
 from stages import pseudo_labels
-from stages.pseudo_labels import Params, run, scaled_thresholds
+from stages.pseudo_labels import HEADLINE, Params, run, scaled_thresholds
 
 TINY_TRACKER = TrackerConfig(feat_dim=16, hidden_dim=32, levels=2, radius=2, blocks=1)
 FAST = dict(pairs_per_clip=2, windows_per_clip=2, grid_step=16, points_per_sample=16, flow_updates=2,
@@ -93,6 +93,7 @@ def test_layout_and_attrs(labelled):
     stats = json.loads((root / "reports" / "stats.json").read_text())
     assert stats["tracks_kept"] == 64 and sum(stats["track_speed_histogram"]["counts"]) == 64
     assert (root / "reports" / "speed_histograms.png").stat().st_size > 1000
+    assert json.loads(out["metrics"].read_text()) == {key: stats[key] for key in HEADLINE}
     assert json.loads(out["metrics"].read_text())["kept_fraction_tracks"] == 1.0
 
 
@@ -224,5 +225,7 @@ def test_motion_gt_source_labels_its_frames_alone_into_its_own_store(tmp_path):
     group = open_label_store(paths.motion_gt_labels)
     assert Path(group.attrs["clips"]) == paths.ground_truth() and group.attrs["source"] == "motion_gt"
     assert counts(group)[0] == 2 * 2
-    assert (tmp_path / "reports" / "pseudo_labels" / "motion_gt" / "stats.json").exists()
-    assert json.loads((tmp_path / "metrics" / "pseudo_labels" / "motion_gt.json").read_text())["clips"] == 2
+    stats = json.loads((tmp_path / "reports" / "pseudo_labels" / "motion_gt" / "stats.json").read_text())
+    assert stats["clips"] == 2
+    metrics = json.loads((tmp_path / "metrics" / "pseudo_labels" / "motion_gt.json").read_text())
+    assert metrics == {key: stats[key] for key in HEADLINE}

@@ -101,8 +101,9 @@ def refine(ws: dict[str, Path], **overrides) -> dict[str, Path]:
 
 def test_refine_clips_writes_models_metrics_and_pictures(workspace, one_thread):
     out = refine(workspace, targets=["clips"])
-    metrics = json.loads(out["metrics"].read_text())
+    metrics = json.loads(out["results"].read_text())
     assert metrics["method"] == "pseudo_labels"
+    assert json.loads(out["metrics"].read_text()) == {}, "the headline is motion_gt's, not refined here"
     for phase in ("before", "after"):
         scores = metrics["clips"][phase]["flow"]
         assert 0 <= scores["cycle_consistent_fraction"] <= 1 and scores["photometric_error"] > 0
@@ -114,14 +115,15 @@ def test_refine_clips_writes_models_metrics_and_pictures(workspace, one_thread):
     assert tracker.config == TINY_TRACKER
     names = {p.name for p in out["reports"].iterdir()}
     assert {"clips_flow.png", "clips_tracks.mp4", "clips_flow_history.csv",
-            "clips_tracker_history.csv"} <= names
+            "clips_tracker_history.csv", "clips_before_after.png"} <= names
+    assert (out["reports"] / "clips_before_after.png").stat().st_size > 10_000
 
 
 def test_photometric_baseline_runs_without_using_the_labels(workspace, one_thread):
     labels = zarr.open_group(str(workspace["labels"]), mode="r+")
     labels["flow/valid"][...] = False  # the baseline never looks at the labels
     out = refine(workspace, targets=["clips"], method="photometric")
-    metrics = json.loads(out["metrics"].read_text())
+    metrics = json.loads(out["results"].read_text())
     assert metrics["method"] == "photometric"
     assert set(metrics["clips"]) == {"before", "after", "labels"}
     history = (out["reports"] / "clips_flow_history.csv").read_text().splitlines()
@@ -141,7 +143,7 @@ def test_photometric_flow_trains_on_the_pseudo_label_pairs(workspace):
                        attrs={"clips": str(workspace["root"] / "data" / "clips.zarr"), **RECIPE})
     out = refine(workspace, targets=["clips"], method="photometric", refine_tracker=False)
     assert not (out["reports"] / "clips_flow_history.csv").exists(), "no pairs: nothing to train on"
-    assert json.loads(out["metrics"].read_text())["clips"]["labels"]["flow_pairs"] == 0
+    assert json.loads(out["results"].read_text())["clips"]["labels"]["flow_pairs"] == 0
 
 
 def test_refine_uses_the_update_counts_the_labels_were_made_with(workspace):
@@ -154,9 +156,10 @@ def test_refine_uses_the_update_counts_the_labels_were_made_with(workspace):
 def test_stopped_run_writes_nothing_and_a_rerun_completes(workspace, one_thread):
     out = refine(workspace, targets=["clips"], flow_train={**TRAIN, "stop_after": 1})
     assert not out["metrics"].exists() and not out["artifacts"].exists() and not out["reports"].exists()
+    assert "results" not in out
     assert (workspace["root"] / "runs" / "clips" / "flow" / "checkpoint.pt").exists()
     out = refine(workspace, targets=["clips"])
-    assert json.loads(out["metrics"].read_text())["clips"]["after"]
+    assert json.loads(out["results"].read_text())["clips"]["after"]
 
 
 def test_bad_inputs_and_params_fail_clearly(workspace, tmp_path):
@@ -178,7 +181,11 @@ def test_bad_inputs_and_params_fail_clearly(workspace, tmp_path):
 
 def test_refine_motion_gt_trains_on_its_labels_and_scores_against_ground_truth(workspace, one_thread):
     out = refine(workspace, targets=["motion_gt"])
-    metrics = json.loads(out["metrics"].read_text())["motion_gt"]
+    metrics = json.loads(out["results"].read_text())["motion_gt"]
+    # DVC's metrics file: EPE and delta_avg (first queries) before and after, nothing else
+    assert json.loads(out["metrics"].read_text()) == {
+        f"motion_gt_{name}_{phase}": metrics[phase][group][name]
+        for group, name in (("flow", "epe"), ("tracks_first", "delta_avg")) for phase in ("before", "after")}
     for phase in ("before", "after"):
         assert set(metrics[phase]) == {"flow", "tracks_first", "tracks_strided"}
         assert metrics[phase]["flow"]["epe"] > 0 and 0 <= metrics[phase]["flow"]["acc_3px"] <= 1
@@ -193,7 +200,12 @@ def test_refine_motion_gt_trains_on_its_labels_and_scores_against_ground_truth(w
         assert flow["epe_moving"] > 0 and flow["epe_static"] >= 0 and 0 < flow["moving_fraction"] < 1
         assert flow["mean_gt_flow_px"] > 0 and flow["mean_flow_px"] >= 0
     names = {p.name for p in out["reports"].iterdir()}
-    assert {"motion_gt_flow.png", "motion_gt_tracks.mp4", "motion_gt_flow_history.csv"} <= names
+    assert {"motion_gt_flow.png", "motion_gt_tracks.mp4", "motion_gt_flow_history.csv",
+            "motion_gt_before_after.png"} <= names
+    assert (out["reports"] / "motion_gt_before_after.png").stat().st_size > 10_000
+    # the chart's reference: zero motion's tracks scores beside its flow scores
+    assert 0 <= metrics["zero_motion"]["tracks_first"]["delta_avg"] <= 1
+    assert set(metrics["zero_motion"]) == {"flow", "tracks_first", "tracks_strided"}
 
 
 def test_refine_reads_labels_and_never_makes_them(workspace, one_thread):
@@ -209,7 +221,7 @@ def test_no_surviving_labels_leaves_the_models_as_they_were(workspace, one_threa
     create_label_store(workspace["labels"], image_size=(SIZE, SIZE), window=WINDOW, points=POINTS,
                        attrs={"clips": str(workspace["root"] / "data" / "clips.zarr"), **RECIPE})
     out = refine(workspace, targets=["clips"])
-    metrics = json.loads(out["metrics"].read_text())["clips"]
+    metrics = json.loads(out["results"].read_text())["clips"]
     assert metrics["labels"] == {"flow_pairs": 0, "track_samples": 0}
     assert metrics["before"] == metrics["after"]  # scored on the clips' frames all the same
     before = load_flow_model(workspace["models"] / "flow.pt").state_dict()

@@ -1,5 +1,6 @@
 """targets: codes of frame t are the codes of frame t (and of its mirror image), RGB differences are
-exact, the store's layout and attrs, clear errors, and a killed or sharded run gives the same store."""
+exact, the store's layout and attrs, the stored arrays equal those of the previous (serial, one codec)
+write path, clear errors, and a killed or sharded run gives the same store."""
 
 from __future__ import annotations
 
@@ -16,10 +17,12 @@ import pytest
 import torch
 import zarr
 
-from models.vqgan import VQGAN, VQGANConfig, save_vqgan
+from models.vqgan import VQGAN, VQGANConfig, load_vqgan, save_vqgan
 from pipeline.core.errors import StageError
 from pipeline.core.shards import Shard
-from stages.targets import Params, run
+from pipeline.core.stores import compressor
+from pipeline.data.pretrain_data import open_targets
+from stages.targets import Params, encode_clips, run
 from tests.models.test_vqgan import _reference_model
 from tests.stages.test_tokenizer import make_clips_store
 
@@ -94,6 +97,43 @@ def test_rgb_diff_is_exact_and_the_store_is_described(tmp_path, inputs):
     assert attrs["tokenizer_sha256"] == hashlib.sha256(tokenizer.read_bytes()).hexdigest()
     assert attrs["tokenizer"] == str(tokenizer) and attrs["clips"] == str(clips)
     assert not (tmp_path / ".targets.zarr.partial").exists()
+
+
+def previous_store(path: Path, clips: Path, tokenizer: Path, clips_per_batch: int = 3) -> zarr.Group:
+    """The targets as the stage wrote them before its worker processes and its rgb_diff codec: serial,
+    in this process, every array Blosc-zstd level 3 with byte shuffle."""
+    frames = zarr.open_group(str(clips), mode="r")["frames"]
+    n, t, h, w = frames.shape[:4]
+    model = load_vqgan(tokenizer).eval()
+    group = zarr.open_group(str(path), mode="w")
+    for name in ("codes", "codes_flipped"):
+        group.create_array(name, shape=(n, t, h // 4, w // 4), chunks=(1, t, h // 4, w // 4), dtype="int16",
+                           compressors=compressor(), fill_value=-1)
+    group.create_array("rgb_diff", shape=(n, t - 1, h, w, 3), chunks=(1, t - 1, h, w, 3), dtype="int16",
+                       compressors=compressor(), fill_value=0)
+    group.attrs.update({"downsample": 4, "codebook_size": model.codebook_size})
+    for start in range(0, n, clips_per_batch):
+        rows = slice(start, min(start + clips_per_batch, n))
+        batch = frames[rows]
+        group["codes"][rows], group["codes_flipped"][rows] = encode_clips(
+            model, batch, device=torch.device("cpu"), frames_per_batch=5)
+        group["rgb_diff"][rows] = np.diff(batch.astype(np.int16), axis=1)
+    return group
+
+
+def test_stored_arrays_equal_the_previous_write_path_and_both_layouts_read(tmp_path, inputs):
+    clips, tokenizer = inputs
+    targets = make_targets(tmp_path, clips, tokenizer, writers=2)  # 3 batches, 2 writers, 4 ring slots
+    before = previous_store(tmp_path / "before.zarr", clips, tokenizer)
+    frames_shape = zarr.open_group(str(clips), mode="r")["frames"].shape
+    for store in (tmp_path / "targets.zarr", tmp_path / "before.zarr"):  # the loader opens both
+        open_targets(store, frames_shape)
+    for name in ("codes", "codes_flipped", "rgb_diff"):
+        assert targets[name].dtype == before[name].dtype and targets[name].chunks == before[name].chunks
+        assert np.array_equal(targets[name][:], before[name][:]), name
+    # only the codec changed, and only for rgb_diff: Zarr records it per array
+    assert "bitshuffle" in str(targets["rgb_diff"].compressors).lower()
+    assert str(targets["codes"].compressors) == str(before["codes"].compressors)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, inputs):

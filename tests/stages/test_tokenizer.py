@@ -21,7 +21,7 @@ from pipeline.core.params import ParamsError, Paths, apply_overrides, read_param
 from pipeline.core.stores import SPLITS, create_clips_store
 from pipeline.data.frames_dataset import FramesDataset, held_out_frames, split_rows
 from pipeline.data.synthetic import MOTION_CLASSES, render_class_clip
-from stages.tokenizer import Params, TokenizerObjective, run
+from stages.tokenizer import HEADLINE, Params, TokenizerObjective, run
 from tests.models.test_vqgan import OFFICIAL_YAML, official  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,9 +60,12 @@ def test_official_checkpoint_loads_through_the_stage(tmp_path, official):  # noq
     model = load_vqgan(out["tokenizer"])
     ours, theirs = model.state_dict(), reference.state_dict()
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
-    metrics = json.loads(out["metrics"].read_text())
-    assert metrics["source"] == str(ckpt) and metrics["codebook_size"] == 64 and metrics["downsample"] == 4
-    assert metrics["val_frames"] == 6 and metrics["train_steps"] == 0 and np.isfinite(metrics["psnr"])
+    results = json.loads(out["results"].read_text())
+    assert results["source"] == str(ckpt) and results["codebook_size"] == 64 and results["downsample"] == 4
+    assert results["val_frames"] == 6 and results["train_steps"] == 0 and np.isfinite(results["psnr"])
+    # the metrics file (DVC's columns) holds the headline scalars only
+    assert json.loads(out["metrics"].read_text()) == {key: results[key] for key in HEADLINE}
+    assert out["results"] == tmp_path / "reports" / "results.json"
     assert np.asarray(Image.open(out["grid"])).shape == (2 * 32, 3 * 32, 3)
     assert not (tmp_path / "runs").exists(), "nothing is trained"
 
@@ -121,7 +124,7 @@ def _train_small(tmp_path: Path, clips: Path, **overrides) -> tuple[dict, dict[s
     settings = {"codebook_size": 64, "crop_size": 32, "val_frames": 64, "reinit_every": 10,
                 "train": {"steps": 120, "batch_size": 8, "warmup_steps": 10, "checkpoint_every": 1000}}
     out = tokenize(tmp_path, clips, **{**settings, **overrides})
-    return json.loads(out["metrics"].read_text()), out
+    return json.loads(out["results"].read_text()), out
 
 
 @pytest.mark.slow

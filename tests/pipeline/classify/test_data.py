@@ -10,8 +10,10 @@ import torch
 
 from pipeline.classify.data import (
     ClipSpec,
+    ClipViews,
     EvalViews,
     TrainClips,
+    ViewPlan,
     crop_origin,
     labelled_rows,
     random_erase,
@@ -185,6 +187,29 @@ def test_eval_views_are_exact_crops_of_the_stored_frames(store):
     expected = torch.nn.functional.interpolate(stored[:, 1:6:2], size=(24, 24), mode="bilinear",
                                                antialias=True)
     torch.testing.assert_close(resized, expected)  # the whole frame, at the training crops' scale
+
+
+def test_clip_views_of_frames_in_memory_equal_the_eval_views_of_the_store(store):
+    """`mam2 predict` cuts a decoded file's clips with ClipViews: the same views EvalViews cuts from the
+    store's rows, in the same order; the store's video table names each video."""
+    import zarr
+
+    spec = ClipSpec(3, 2, 24)
+    views = EvalViews(store, "val", spec, num_clips=2, num_crops=3, short_side=28)
+    group = zarr.open_group(str(store), mode="r")
+    rows = labelled_rows(store, "val")
+    plan = ViewPlan(spec, num_clips=2, num_crops=3, short_side=28)
+    memory = ClipViews([group["frames"][int(r)] for r in rows], group["video"][:][rows].tolist(), plan)
+    assert len(memory) == len(views) == len(rows) * plan.per_clip
+    for index in range(len(views)):
+        ours, theirs = memory[index], views[index]
+        assert torch.equal(ours["clip"], theirs["clip"]), index
+        assert (ours["video"], ours["window"], ours["crop"], ours["label"]) == (
+            theirs["video"], theirs["window"], theirs["crop"], -1)
+    assert views.video_names == [str(name) for name in group["videos"][:]]
+    assert views.video_names[views[0]["video"]].endswith(".mp4")
+    with pytest.raises(ValueError, match="too small"):
+        ClipViews([np.zeros((4, 32, 32, 3), np.uint8)], [0], plan)  # 4 frames, a view spans 5
 
 
 def test_crop_geometry():

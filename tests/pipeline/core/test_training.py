@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from pipeline.core.errors import StageError
 from pipeline.core.training import (
     CHECKPOINT,
     Dist,
+    Evaluation,
     SeededBatchSampler,
     TrainParams,
     lr_factor,
@@ -76,6 +78,18 @@ def test_sampler_is_independent_of_ranks_and_resumable():
     assert [a + b for a, b in zip(accumulated[::2], accumulated[1::2], strict=True)] == single
     with pytest.raises(StageError, match="batch_size"):
         SeededBatchSampler(10, p.model_copy(update={"batch_size": 3}), Dist(world=2))
+
+
+def test_sampler_draws_each_epoch_once_from_its_seed():
+    """Position g is item order_e[g mod N] of epoch e = g div N, seeded (seed, 7, g): batches straddling
+    epochs included, and a second pass (which goes back to epoch 0) gives the same stream."""
+    p = TrainParams(steps=5, batch_size=4, seed=3)
+    sampler = SeededBatchSampler(10, p, Dist())
+    orders = [np.random.default_rng([3, e]).permutation(10) for e in (0, 1)]
+    expected = [[(int(orders[g // 10][g % 10]), int(np.random.default_rng([3, 7, g]).integers(2**31)))
+                 for g in range(first, first + 4)] for first in range(0, 20, 4)]
+    assert list(sampler) == expected
+    assert list(sampler) == expected
 
 
 def test_resume_gives_identical_weights(tmp_path):
@@ -147,3 +161,42 @@ def test_two_process_gloo_matches_one_process(tmp_path):
     two = torch.load(tmp_path / "two" / "weights.pt", weights_only=True)
     for key in one:
         assert torch.allclose(one[key], two[key], atol=1e-6), key
+
+
+def test_evaluation_joins_the_history_leaves_training_alone_and_resumes(tmp_path, monkeypatch):
+    """A periodic evaluation runs in eval mode, lands in the history row of its step (a row of its own
+    off the log steps) and in MLflow; it draws random numbers without changing the weights trained, and
+    a stopped-and-resumed run ends with the same history."""
+    logged, modes = [], []
+
+    class Recorder:  # MLflow's run: records the metrics logged, ignores the rest
+        def log_metrics(self, metrics, step=None):
+            logged.append((step, sorted(metrics)))
+
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: None
+
+    def score(model: nn.Module) -> dict[str, float]:
+        modes.append(model.training)
+        return {"out": float(model(torch.rand(2, 8)).sum())}  # its own draw: must not shift training's
+
+    monkeypatch.setattr("pipeline.core.training.current_run", lambda: Recorder())
+    evaluation = Evaluation(score, every=3)
+    p = PARAMS.model_copy(update={"steps": 5, "log_every": 2, "checkpoint_every": 2})
+    data = NoisyRegression()
+    plain = train(make_model(), data, regression_loss, p, tmp_path / "plain").model
+    straight = train(make_model(), data, regression_loss, p, tmp_path / "a", evaluation=evaluation)
+    assert [(row["step"], "val_out" in row, "loss" in row) for row in straight.history] == [
+        (2, False, True), (3, True, False), (4, False, True), (5, True, True)]
+    assert modes == [False, False] and straight.model.training
+    assert [entry for entry in logged if entry[1] == ["val/out"]] == [(3, ["val/out"]), (5, ["val/out"])]
+    for a, b in zip(plain.state_dict().values(), straight.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    train(make_model(), data, regression_loss, p.model_copy(update={"stop_after": 2}), tmp_path / "b",
+          evaluation=evaluation)
+    resumed = train(make_model(), data, regression_loss, p, tmp_path / "b", evaluation=evaluation)
+
+    def stable(history: list[dict]) -> list[dict]:
+        return [{k: v for k, v in row.items() if not k.endswith("_per_s")} for row in history]
+
+    assert stable(resumed.history) == stable(straight.history)

@@ -134,6 +134,18 @@ def test_samples_depend_only_on_their_seed_and_masks_follow_the_params(stores):
     assert (masks.sum(1) == 4).all() and not all(torch.equal(m[:4], m[4:]) for m in masks)
 
 
+def test_a_batch_read_at_once_equals_its_samples_read_one_by_one(stores):
+    dataset = PretrainDataset(*stores, sampling(rgb_diff=True))
+    keys = [(index % len(dataset), seed) for index, seed in enumerate(range(40, 52))]
+    batch = dataset.__getitems__(keys)
+    assert {item["flipped"] for item in batch} == {False, True}
+    for key, item in zip(keys, batch, strict=True):
+        alone = dataset[key]
+        assert item.keys() == alone.keys()
+        for name, value in alone.items():
+            assert torch.equal(item[name], value) if torch.is_tensor(value) else item[name] == value, name
+
+
 def test_unflipped_full_size_crop_is_the_stored_clip(tmp_path):
     clips_path, targets_path = write_stores(tmp_path, size=16, frames=4)
     dataset = PretrainDataset(clips_path, targets_path, sampling(flip=False, rgb_diff=True))
@@ -199,17 +211,26 @@ def test_pickled_dataset_reopens_its_stores(stores):
 
 @pytest.mark.slow
 def test_loader_workers_give_the_same_batches(stores):
+    """The stage's loader (one-block collation) gives, with 0, 1 and 2 spawned workers, the batches
+    default_collate gives in-process: same seeds, same bits."""
     from pipeline.core.training import Dist, SeededBatchSampler, TrainParams
+    from pipeline.data.shared_batch import collate_shared
 
     dataset = PretrainDataset(*stores, sampling(rgb_diff=True))
     params = TrainParams(steps=3, batch_size=4)
 
-    def batches(workers: int) -> list[dict]:
+    def batches(workers: int, collate=None) -> list[dict]:
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=SeededBatchSampler(len(dataset), params, Dist()), num_workers=workers,
-            multiprocessing_context="spawn" if workers else None)
+            collate_fn=collate, multiprocessing_context="spawn" if workers else None)
         return list(loader)
 
-    for one, two in zip(batches(0), batches(2), strict=True):
-        for key in ("frames", "codes", "rgb_diff", "mask", "row"):
-            assert torch.equal(one[key], two[key]), key
+    reference = batches(0)
+    for workers in (0, 1, 2):
+        got = batches(workers, collate_shared)
+        assert len(got) == len(reference) == 3
+        for one, other in zip(reference, got, strict=True):
+            assert list(one) == list(other)
+            for key in one:
+                assert one[key].dtype == other[key].dtype, (workers, key)
+                assert torch.equal(one[key], other[key]), (workers, key)

@@ -18,8 +18,10 @@ from pipeline.motion.evaluate import (
     mean_over_videos,
     sample_queries,
     tapvid_metrics,
+    zero_motion_track_scores,
+    zero_motion_tracks,
 )
-from pipeline.motion.pictures import draw_tracks, flow_to_color
+from pipeline.motion.pictures import before_after_chart, draw_tracks, flow_to_color
 
 
 def test_flow_epe_and_accuracy_by_hand():
@@ -157,3 +159,35 @@ def test_tracker_evaluation_runs_on_a_clip():
         _, points = sample_queries(visible, mode)
         np.testing.assert_allclose(pred[qf, n], tracks[qf, points], atol=1e-3)
         assert pred_vis[qf, n].all()
+
+
+def test_zero_motion_tracks_by_hand():
+    """Standing still at the query: a still point is within every delta, one moving 3 px a frame is 3, 6
+    and 9 px away on the scored frames (256 x 256 video: no rescaling); both predicted visible."""
+    tracks = np.zeros((4, 2, 2))
+    tracks[:, 0] = 50.0
+    tracks[:, 1, 0] = 100.0 + 3.0 * np.arange(4)
+    tracks[:, 1, 1] = 100.0
+    visible = np.ones((4, 2), bool)
+    m = zero_motion_tracks(tracks, visible, "first", (256, 256))
+    within = {1: 3 / 6, 2: 3 / 6, 4: 4 / 6, 8: 5 / 6, 16: 6 / 6}
+    assert m["delta_avg"] == pytest.approx(np.mean(list(within.values())))
+    assert m["occlusion_accuracy"] == 1.0
+    store = {"frames": np.zeros((2, 4, 256, 256, 3), np.uint8), "tracks": np.stack([tracks, tracks]),
+             "visible": np.stack([visible, visible])}
+    scores = zero_motion_track_scores(store)
+    assert set(scores) == {"tracks_first", "tracks_strided"}
+    assert scores["tracks_first"]["delta_avg"] == pytest.approx(m["delta_avg"])
+
+
+def test_before_after_chart_draws_the_scores_a_target_has():
+    flow = {"epe": 1.2, "acc_1px": 0.6, "other": 3.0}
+    scores = {"before": {"flow": flow, "tracks_first": {"delta_avg": 0.2}},
+              "after": {"flow": {**flow, "epe": 1.1}, "tracks_first": {"delta_avg": 0.25}},
+              "zero_motion": {"flow": {"epe": 1.8, "acc_1px": 0.7}}}
+    image = before_after_chart(scores, "motion_gt")
+    label_free = before_after_chart({"before": {"flow": {"photometric_error": 0.02}},
+                                     "after": {"flow": {"photometric_error": 0.019}}}, "clips")
+    assert image.dtype == np.uint8 and image.shape[1] > 1.5 * label_free.shape[1] > 0  # 3 panels vs 1
+    with pytest.raises(ValueError, match="no before/after scores"):
+        before_after_chart({"before": {}, "after": {}}, "nothing")
