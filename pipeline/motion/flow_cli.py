@@ -28,9 +28,9 @@ from pipeline.core.progress import progress_bar
 from pipeline.core.tensors import image_to_tensor
 from pipeline.data.video import write_mp4
 from pipeline.motion.checkpoints import load_flow
-from pipeline.motion.command import pick_device, run_command
+from pipeline.motion.command import run_command
 from pipeline.motion.evaluate import predict_flow
-from pipeline.motion.model_choice import add_model_arguments, pipeline_paths, recorded_count, resolve_model
+from pipeline.motion.model_choice import add_model_arguments, choose_model
 from pipeline.motion.pictures import color_wheel, flow_to_color
 from pipeline.motion.video_input import VideoSelection, add_video_arguments
 from pipeline.motion.video_panels import caption_bar, compose
@@ -90,11 +90,8 @@ def render(frames: np.ndarray, flows: np.ndarray, max_flow: float, model_text: s
 def run(args: argparse.Namespace, selection: VideoSelection) -> str:
     """Write the flow video of the `selection` of `args.video`; returns the summary line."""
     started = time.perf_counter()
-    paths = pipeline_paths(args.params)
-    source = resolve_model(args.model, "flow.pt", paths)
-    updates, counted = ((args.updates, "given") if args.updates is not None
-                        else recorded_count("flow_updates", paths, source.refine_target))
-    device = pick_device(args.device)
+    choice = choose_model(args, "flow.pt", "flow_updates", args.updates)
+    source, updates, counted, device = choice.source, choice.count, choice.counted, choice.device
     log.info("%s", selection.describe())
     log.info("flow model %s, %d RAFT updates (%s), on %s", source.describe(), updates, counted, device)
     frames = selection.read()

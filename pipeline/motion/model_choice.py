@@ -16,10 +16,12 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import zarr
 
 from pipeline.core.errors import StageError
 from pipeline.core.params import DEFAULT_PARAMS_FILE, Paths, read_params_file, validate_section
+from pipeline.motion.command import pick_device
 
 SHIPPED = Path(__file__).resolve().parents[2] / "checkpoints"
 REFINE_TARGETS = ("clips", "motion_gt")  # `current` prefers the model refined on real video
@@ -94,6 +96,25 @@ def recorded_count(key: str, paths: Paths, target: str | None = None) -> tuple[i
                 if key in attrs:
                     return int(attrs[key]), f"recorded in {store}"
     return DEFAULT_COUNTS[key], "the pipeline's default"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """What a motion command runs: the model file, its update count and where that came from, the device."""
+
+    source: ModelSource
+    count: int
+    counted: str  # "given", "recorded in <store>" or "the pipeline's default"
+    device: torch.device
+
+
+def choose_model(args: argparse.Namespace, filename: str, count_key: str, given: int | None) -> ModelChoice:
+    """Resolve `--model`, the update count (`given` on the command line, else the recorded one) and
+    `--device` of a motion command (`args` from `add_model_arguments`)."""
+    source = resolve_model(args.model, filename, pipeline_paths(args.params))
+    count, counted = ((given, "given") if given is not None
+                      else recorded_count(count_key, pipeline_paths(args.params), source.refine_target))
+    return ModelChoice(source, count, counted, pick_device(args.device))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, count: str, count_help: str) -> None:

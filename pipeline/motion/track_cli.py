@@ -28,8 +28,8 @@ from models.tracker import PointTracker, track_long
 from pipeline.core.atomic import atomic_file, write_json
 from pipeline.data.video import write_mp4
 from pipeline.motion.checkpoints import load_point_tracker
-from pipeline.motion.command import UsageError, pick_device, run_command
-from pipeline.motion.model_choice import add_model_arguments, pipeline_paths, recorded_count, resolve_model
+from pipeline.motion.command import UsageError, run_command
+from pipeline.motion.model_choice import add_model_arguments, choose_model
 from pipeline.motion.track_drawing import draw_track_overlay
 from pipeline.motion.video_input import VideoSelection, add_video_arguments
 from pipeline.motion.video_panels import caption_bar, compose
@@ -143,11 +143,8 @@ def run(args: argparse.Namespace, points: np.ndarray, selection: VideoSelection)
     `args` ask for; returns the summary lines."""
     started = time.perf_counter()
     queries = queries_for(selection, points)
-    paths = pipeline_paths(args.params)
-    source = resolve_model(args.model, "tracker.pt", paths)
-    iters, counted = ((args.iters, "given") if args.iters is not None
-                      else recorded_count("tracker_iters", paths, source.refine_target))
-    device = pick_device(args.device)
+    choice = choose_model(args, "tracker.pt", "tracker_iters", args.iters)
+    source, iters, counted, device = choice.source, choice.count, choice.counted, choice.device
     log.info("%s", selection.describe())
     log.info("tracker %s, %d iterations (%s), on %s", source.describe(), iters, counted, device)
     frames = selection.read()
