@@ -55,8 +55,10 @@ log = logging.getLogger(__name__)
 
 ObjectiveName = Literal["mam2", "mam2_appearance", "mam2_motion", "mam2_no_regressor", "videomae"]
 # CPU demo: lr = 0.03 x 8 / 256 = 9.4e-4, close to the paper's 1.5e-4 x 2048 / 256 = 1.2e-3.
-TRAIN_DEFAULTS = TrainParams(steps=200, batch_size=8, base_lr=0.03, warmup_steps=20, checkpoint_every=50,
-                             log_every=10)
+# VideoMAE's pre-training optimiser: AdamW (0.9, 0.95), weight decay 0.05, lr 1.5e-4 x batch / 256, cosine.
+# (The demo's params.yaml raises base_lr for its batch of 8; recipes/vit_b.yaml has the epochs.)
+TRAIN_DEFAULTS = TrainParams(steps=200, batch_size=8, base_lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05,
+                             warmup_steps=20, schedule="cosine", checkpoint_every=50, log_every=10)
 SCALAR_KEYS = ("loss", "loss_appearance", "loss_motion", "loss_pixel", "loss_align", "appearance_acc",
                "appearance_acc_baseline", "motion_mse_baseline", "pixel_mse_baseline")
 StageTrainParams = stage_train_params(TRAIN_DEFAULTS)
@@ -131,6 +133,18 @@ class Params(StageParams):
         """Decoder and regressor sizes: the model size's (HEAD_SIZES), with any set field instead."""
         return {key: value if getattr(self, key) is None else getattr(self, key)
                 for key, value in HEAD_SIZES[self.model].items()}
+
+
+def help_notes() -> str:
+    """The size-derived defaults `--help` prints: what each `model` builds when nothing overrides it."""
+    lines = ["model sizes (`model`; any set depth/embed_dim/num_heads/decoder_*/regressor_depth wins):",
+             f"  {'model':<6} {'encoder width/depth/heads':<26} {'decoders width/depth/heads':<27} regressor"]
+    for name, enc in ENCODER_SIZES.items():
+        head = HEAD_SIZES[name]
+        lines.append(f"  {name:<6} {'{embed_dim}/{depth}/{num_heads}'.format(**enc):<26} "
+                     f"{'{decoder_dim}/{decoder_depth}/{decoder_heads}'.format(**head):<27} "
+                     f"{head['regressor_depth']} blocks")
+    return "\n".join(lines)
 
 
 def run(params: Params, *, clips: Path, targets: Path, tokenizer: Path, artifacts: Path, run_dir: Path,

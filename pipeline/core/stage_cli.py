@@ -60,6 +60,8 @@ def load_config(name: str, module: ModuleType, params_file: Path, overrides: lis
 def stage_parser(name: str, module: ModuleType) -> argparse.ArgumentParser:
     epilog = (f"parameters (set in params.yaml or with --set):\n"
               f"{describe_params(Paths, 'paths')}\n{describe_params(module.Params, name)}")
+    if callable(getattr(module, "help_notes", None)):  # a stage's own table after its params
+        epilog += "\n\n" + module.help_notes()
     parser = argparse.ArgumentParser(
         prog=f"mam2 {name}", description=(module.__doc__ or "").strip(), epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,7 +24,8 @@ from pipeline.core.mlflow_runs import mlflow_run
 from pipeline.core.params import ParamsError, validate_section
 from pipeline.core.training import TrainParams
 from pipeline.orchestrate.cli import main as mam2_main
-from stages.pretrain import ObjectiveName, Params, resolve_steps, run
+from stages.finetune import Params as FinetuneParams
+from stages.pretrain import ObjectiveName, Params, help_notes, resolve_steps, run
 from tests.pipeline.data.test_pretrain_data import CODEBOOK, write_stores
 
 REPO = Path(__file__).resolve().parents[2]
@@ -164,7 +165,9 @@ def test_resume_and_stored_differences_give_the_same_encoder(tmp_path, one_threa
 def test_epochs_set_the_steps_and_partial_train_blocks_keep_stage_defaults():
     params = Params.model_validate({"epochs": 2.5, "train": {"batch_size": 4}})
     assert resolve_steps(params, 10).steps == 7  # ceil(2.5 x 10 / 4)
-    assert params.train.base_lr == Params().train.base_lr != TrainParams().base_lr
+    assert params.train.base_lr == Params().train.base_lr == 1.5e-4  # VideoMAE's, before batch scaling
+    tuned = validate_section({"finetune": {"train": {"batch_size": 4}}}, "finetune", FinetuneParams)
+    assert tuned.train.betas == FinetuneParams().train.betas != TrainParams().betas
     assert resolve_steps(Params(), 10).steps == Params().train.steps
     with pytest.raises(ParamsError, match="pretrain: .*num_heads"):
         validate_section({"pretrain": {"embed_dim": 100, "num_heads": 3}}, "pretrain", Params)
@@ -246,6 +249,8 @@ def test_a_named_size_sets_every_dimension_at_paper_scale():
     assert len(encoder.blocks) == 12 and encoder.embed_dim == 768 and encoder.num_heads == 12
     assert 86e6 < sum(p.numel() for p in encoder.parameters()) < 88e6  # ViT-B with a 2x16x16 tubelet embed
     assert Params(model="base", decoder_depth=2).heads()["decoder_depth"] == 2, "a set field wins"
+    lines = [line.split() for line in help_notes().splitlines()]
+    assert ["base", "768/12/12", "384/4/6", "4", "blocks"] in lines, "--help shows the size-derived defaults"
     demo = validate_section(read_params_file(Path(__file__).resolve().parents[2] / "params.yaml"),
                             "pretrain", Params)
     assert demo.depth == 4 and demo.heads()["regressor_depth"] == 2, "the demo's shrinkage, in params.yaml"

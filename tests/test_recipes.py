@@ -1,0 +1,42 @@
+"""Every recipe params file in recipes/ validates against the stages it configures, and the ViT-B
+recipe builds the paper's model."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.core.params import Paths, read_params_file, validate_section
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_section_of_a_recipe_validates(recipe: Path) -> None:
+    doc = read_params_file(recipe)
+    assert doc, f"{recipe.name} is empty"
+    for section in doc:
+        model = Paths if section == "paths" else importlib.import_module(f"stages.{section}").Params
+        validate_section(doc, section, model)  # raises ParamsError naming the bad key
+
+
+def test_the_vit_b_recipe_is_the_papers_model_and_schedule() -> None:
+    from models.video_vit import build_encoder
+    from stages import finetune, pretrain
+
+    doc = read_params_file(Path(__file__).resolve().parents[1] / "recipes" / "vit_b.yaml")
+    params = validate_section(doc, "pretrain", pretrain.Params)
+    assert (params.num_frames, params.input_size, params.mask_ratio) == (16, 224, 0.9)
+    assert params.heads() == {"decoder_dim": 384, "decoder_depth": 4, "decoder_heads": 6,
+                              "regressor_depth": 4}
+    with torch.device("meta"):
+        encoder = build_encoder(**pretrain.encoder_config(params))
+    assert encoder.grid == (8, 14, 14) and 86e6 < sum(p.numel() for p in encoder.parameters()) < 88e6
+    train = params.train
+    assert (train.betas, train.weight_decay, train.schedule) == ((0.9, 0.95), 0.05, "cosine")
+    assert train.learning_rate() == pytest.approx(1.5e-4 * 2048 / 256)  # VideoMAE's lr x batch / 256
+    tune = validate_section(doc, "finetune", finetune.Params)
+    assert (tune.crop_scale, tune.random_erasing, tune.rand_augment) == ((0.08, 1.0), 0.25, True)
