@@ -193,9 +193,11 @@ def run(params: Params, *, clips: Path, encoder: Path, artifacts: Path, run_dir:
     write_outputs(result.model, views, summary, history, info.class_names, outputs,
                   config=classifier_config(result.model, encoder_config, info.class_names),
                   init_report=init_report)
-    log.info("finetune: top-1 %.3f, top-%d %.3f over %d %s videos (%d views each); train %.0f s",
-             summary["top1"], min(5, len(info.class_names)), summary[f"top{min(5, len(info.class_names))}"],
-             summary["videos"], params.eval_split, summary["views_per_video"], train_seconds)
+    log.info("finetune: top-1 %.3f (95%% interval %.3f-%.3f; most frequent class %.3f), top-%d %.3f over "
+             "%d %s videos (%d views each); train %.0f s", summary["top1"], summary["top1_ci95_low"],
+             summary["top1_ci95_high"], summary["top1_majority"], min(5, len(info.class_names)),
+             summary[f"top{min(5, len(info.class_names))}"], summary["videos"], params.eval_split,
+             summary["views_per_video"], train_seconds)
     return outputs
 
 
@@ -402,9 +404,10 @@ def curves_title(summary: dict) -> str:
 
 
 def headline(k: int) -> tuple[str, ...]:
-    """metrics/finetune.json's keys (DVC's columns): top-1 and top-k of the per-video scores. The rest of
-    the summary (per class, confusion, sizes, init) is in reports/finetune/results.json."""
-    return ("top1", f"top{k}")
+    """metrics/finetune.json's keys (DVC's columns): top-1 with its 95% interval and its trivial
+    baseline (the most frequent class), top-k, and how many videos they count. The rest of the summary
+    (per class, confusion, init) is in reports/finetune/results.json."""
+    return ("top1", "top1_ci95_low", "top1_ci95_high", "top1_majority", f"top{k}", "videos")
 
 
 def predictions(views: ViewScores, class_names: list[str]) -> list[dict]:

@@ -82,14 +82,31 @@ def per_class_accuracy(matrix: np.ndarray) -> list[float | None]:
     return [float(matrix[i, i] / n) if n else None for i, n in enumerate(totals)]
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% by default): how far an accuracy
+    measured on `trials` videos can be from the true one. (0, 1) for no trials."""
+    if trials == 0:
+        return 0.0, 1.0
+    p, n = successes / trials, trials
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 def classification_metrics(views: ViewScores, class_names: list[str]) -> dict:
-    """Per-video metrics of multi-view scores, and the single-view top-1 for comparison."""
+    """Per-video metrics of multi-view scores with the top-1's 95% Wilson interval and its trivial
+    baseline (`top1_majority`: predicting the most frequent class of the evaluated videos for all of
+    them, the best any constant answer scores), and the single-view top-1 for comparison."""
     _, scores, labels = average_per_video(views)
     pred = scores.argmax(axis=1)
     matrix = confusion_matrix(pred, labels, len(class_names))
     k = min(5, len(class_names))
+    top1 = topk_accuracy(scores, labels, 1)
+    low, high = wilson_interval(int(round(top1 * len(labels))), len(labels))
     return {
-        "top1": topk_accuracy(scores, labels, 1), f"top{k}": topk_accuracy(scores, labels, k),
+        "top1": top1, f"top{k}": topk_accuracy(scores, labels, k),
+        "top1_ci95_low": low, "top1_ci95_high": high,
+        "top1_majority": float(np.bincount(labels, minlength=len(class_names)).max() / max(len(labels), 1)),
         "top1_single_view": topk_accuracy(views.scores, views.labels, 1),
         "videos": int(len(labels)), "views": int(len(views.labels)),
         "views_per_video": float(len(views.labels) / max(len(labels), 1)),

@@ -109,7 +109,9 @@ def test_outputs_metrics_and_a_kill_resumes(tmp_path, small_store):
     assert not [k for k in metrics if k.endswith(("seconds", "_per_s"))], "timings go to MLflow, not DVC"
     assert sum(map(sum, metrics["confusion"])) == 4 and set(metrics["per_class"]) == set(MOTIONS)
     # DVC's metrics file: the headline scalars only (4 classes: top-4 is the top-k)
-    assert json.loads(out["metrics"].read_text()) == {"top1": metrics["top1"], "top4": metrics["top4"]}
+    keys = ("top1", "top1_ci95_low", "top1_ci95_high", "top1_majority", "top4", "videos")
+    assert json.loads(out["metrics"].read_text()) == {key: metrics[key] for key in keys}
+    assert metrics["top1_ci95_low"] <= metrics["top1"] <= metrics["top1_ci95_high"]
     assert out["results"] == out["reports"] / "results.json"
     history = (out["reports"] / "history.csv").read_text().splitlines()
     steps = [line.split(",")[0] for line in history]

@@ -18,6 +18,7 @@ from pipeline.classify.evaluate import (
     per_class_accuracy,
     score_views,
     topk_accuracy,
+    wilson_interval,
 )
 from tests.pipeline.classify.test_data import write_class_store
 
@@ -69,6 +70,16 @@ def test_metrics_average_views_before_ranking():
     assert metrics["top1_single_view"] == pytest.approx(0.5)
     assert metrics["per_class"] == {"a": 0.0, "b": 1.0}
     assert metrics["confusion"] == [[0, 1], [0, 1]]
+    assert metrics["top1_majority"] == 0.5  # one video of each class
+    assert (metrics["top1_ci95_low"], metrics["top1_ci95_high"]) == wilson_interval(1, 2)
+
+
+def test_the_wilson_interval_narrows_with_more_videos_and_stays_in_0_1():
+    # worked by hand from the formula (z = 1.96): 5 of 16 -> 0.142-0.556; 48 of 64 -> 0.632-0.840
+    assert wilson_interval(5, 16) == pytest.approx((0.1416, 0.5560), abs=1e-3)
+    assert wilson_interval(48, 64) == pytest.approx((0.6318, 0.8399), abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
 def test_confusion_image_is_rgb():
