@@ -36,6 +36,7 @@ os.environ.setdefault("MAM2_MLFLOW", "0")
 from models.mam2 import MAM2, build_mam2  # noqa: E402
 from models.masking import tube_mask  # noqa: E402
 from models.video_vit import build_encoder  # noqa: E402
+from pipeline.core.flops import training_step_flops  # noqa: E402
 from pipeline.core.params import read_params_file, validate_section  # noqa: E402
 from stages.pretrain import Params, encoder_config  # noqa: E402
 
@@ -86,13 +87,7 @@ def make_step(model: torch.nn.Module, dtype: torch.dtype | None, device: torch.d
 
 def count_flops(model: MAM2, inputs: tuple, dtype: torch.dtype | None, device: torch.device) -> float:
     """FLOPs of one forward + backward pass."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        model(*inputs)["loss"].backward()
-    model.zero_grad(set_to_none=True)
-    return float(counter.get_total_flops())
+    return training_step_flops(lambda: model(*inputs), model, dtype, device.type)
 
 
 def time_steps(step, inputs: tuple, steps: int, device: torch.device, warmup: int = 2) -> float:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -36,6 +37,7 @@ from pipeline.core import stage_cli
 from pipeline.core.atomic import atomic_dir, save_png
 from pipeline.core.figures import labelled_montage
 from pipeline.core.fingerprint import fingerprint, input_stamp
+from pipeline.core.flops import training_step_flops
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
 from pipeline.core.results import write_results
@@ -171,11 +173,12 @@ def run(params: Params, *, clips: Path, targets: Path, tokenizer: Path, artifact
         log.info("stopped after step %d of %d (train.stop_after); rerun to continue", result.step,
                  train_params.steps)
         return outputs
+    summary = summarise(history, train_params, len(dataset))
+    summary["train_gflops_per_clip"] = step_flops(result.model, dataset, loss_fn) / 1e9
     model = result.model.eval()
     with atomic_dir(artifacts) as tmp:
         save_encoder(model.encoder, encoder_config(params), tmp / "encoder.pt", input_norm=model.input_norm)
         torch.save(model_checkpoint(params, model), tmp / "model.pt")
-    summary = summarise(history, train_params, len(dataset))
     with atomic_dir(reports) as tmp:
         write_history(history, tmp / "history.csv")
         for name, image in sample_images(model, dataset, params.sample_clips, tokenizer,
@@ -263,6 +266,20 @@ def mam2_loss(model: torch.nn.Module, batch: dict, *, motion: bool) -> dict[str,
     """The loop's loss: the model's weighted loss plus its parts and the top-1 code accuracy."""
     out = model(*model_inputs(batch, motion))
     return {key: out[key] for key in SCALAR_KEYS if key in out}
+
+
+def step_flops(model: MAM2, dataset: PretrainDataset, loss_fn: Callable) -> float:
+    """Counted FLOPs of one training step per clip (forward + backward of a batch of one clip, in the
+    model's training mode): what compares objectives at equal compute (MAM2's regressor and two decoders
+    cost more per step than VideoMAE's one decoder)."""
+    device = next(model.parameters()).device
+    batch = to_device(collate_shared([dataset[(0, 0)]]), device)  # clip 0 with its augmentation seed 0
+    mode = model.training
+    model.train()
+    try:
+        return training_step_flops(lambda: loss_fn(model, batch), model, device_type=device.type)
+    finally:
+        model.train(mode)
 
 
 def work_fingerprint(params: Params, dataset: PretrainDataset) -> str:

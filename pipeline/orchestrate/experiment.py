@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 
@@ -73,22 +74,26 @@ class Settings(StageParams):
 
     epochs: float | None = Field(None, gt=0, description="E (null: pretrain.epochs, else train steps)")
     variants: list[str] = Field([v.name for v in VARIANTS], description="variants run")
+    modes: list[Literal["full", "linear"]] = Field(["full"], min_length=1, description="how each encoder "
+                                                   "is evaluated: full fine-tuning and/or a linear probe "
+                                                   "(frozen encoder)")
     root: Path = Field(Path("runs/experiment"), description="one sub-folder per variant")
     report: Path = Field(Path(f"reports/{EXPERIMENT}.md"), description="the markdown table")
 
 
 def run_experiment(*, params_file: Path | str = DEFAULT_PARAMS_FILE, overrides: list[str] | None = None,
                    epochs: float | None = None, root: Path | str = Path("runs/experiment"),
-                   report: Path | str = Path(f"reports/{EXPERIMENT}.md"), variants: list[str] | None = None
-                   ) -> Path:
-    """Run every variant (or those named in `variants`), write the markdown table, return its path."""
+                   report: Path | str = Path(f"reports/{EXPERIMENT}.md"), variants: list[str] | None = None,
+                   modes: list[str] | None = None) -> Path:
+    """Run every variant (or those named in `variants`), write the markdown table, return its path.
+    Each row is also in `root`/<variant>/result.json."""
     doc = apply_overrides(read_params_file(params_file), list(overrides or []))
     paths = validate_section(doc, "paths", Paths)
     pre = validate_section(doc, "pretrain", pretrain.Params)
     fine = validate_section(doc, "finetune", finetune.Params)
     chosen = select_variants(variants)
     settings = Settings(epochs=epochs, variants=[v.name for v in chosen], root=Path(root),
-                        report=Path(report))
+                        report=Path(report), modes=list(modes or ["full"]))
     check_inputs(chosen, pre, paths)
     rows = [run_variant(v, pre, fine, paths, settings) for v in chosen]
     table = render_table(rows, pre, fine, settings)
@@ -97,8 +102,8 @@ def run_experiment(*, params_file: Path | str = DEFAULT_PARAMS_FILE, overrides: 
     with mlflow_run("experiment", settings, tags={"experiment": EXPERIMENT, "variant": "summary"}):
         for row in rows:
             key = row["variant"].replace("/", "_")
-            current_run().log_metrics({f"{key}/top1": row["top1"],
-                                       f"{key}/wall_seconds": row["wall_seconds"]})
+            top1 = {f"{key}/top1_{mode}": row[f"top1_{mode}"] for mode in settings.modes}
+            current_run().log_metrics({**top1, f"{key}/wall_seconds": row["wall_seconds"]})
         current_run().log_artifact(settings.report)
     log.info("experiment %s: table in %s\n%s", EXPERIMENT, settings.report, table)
     return settings.report
@@ -148,12 +153,20 @@ def variant_params(variant: Variant, pre: pretrain.Params, fine: finetune.Params
     return pre.model_copy(update=update), fine.model_copy(update={"init": "pretrain"})
 
 
+# Per-target results of pre-training copied into each row: final losses beside their trivial baselines.
+PRETRAIN_TARGETS = ("loss_appearance", "appearance_acc", "appearance_acc_baseline", "motion_mse",
+                    "motion_mse_baseline", "loss_pixel", "pixel_mse_baseline")
+# Where each evaluation mode works inside a variant's folder (full keeps the stage's own name).
+MODE_FOLDERS = {"full": "finetune", "linear": "linear"}
+
+
 def run_variant(variant: Variant, pre: pretrain.Params, fine: finetune.Params, paths: Paths,
                 settings: Settings) -> dict:
-    """Pre-train (unless scratch) and fine-tune one variant in its own folder; return its table row."""
+    """Pre-train (unless scratch), then fine-tune and/or linearly probe one variant in its own folder;
+    return its table row."""
     pre_v, fine_v = variant_params(variant, pre, fine, settings.epochs)
     folder = settings.root / variant.name.replace("/", "_")
-    signature = work_fingerprint(pre_v, fine_v, paths)
+    signature = work_fingerprint(pre_v, fine_v, paths, settings.modes)
     done = folder / "result.json"
     if done.exists() and json.loads(done.read_text()).get("signature") == signature:
         log.info("%s: already done (%s)", variant.name, done)
@@ -161,7 +174,8 @@ def run_variant(variant: Variant, pre: pretrain.Params, fine: finetune.Params, p
     # `objective` as `mam2 <stage>` tags it, so these runs line up with single-stage runs in the UI
     tags = {"experiment": EXPERIMENT, "variant": variant.name, "objective": variant.objective or "none"}
     row: dict = {"variant": variant.name, "objective": variant.objective or "none", "signature": signature,
-                 "pretrain_seconds": 0.0, "pretrain_epochs": None, "pretrain_steps": 0}
+                 "pretrain_seconds": 0.0, "pretrain_epochs": None, "pretrain_steps": 0,
+                 "pretrain_gflops_per_clip": 0.0, "pretrain_tflops": 0.0}
     encoder = folder / "artifacts" / "pretrain" / "encoder.pt"
     if pre_v is not None:
         tick = time.perf_counter()
@@ -172,26 +186,39 @@ def run_variant(variant: Variant, pre: pretrain.Params, fine: finetune.Params, p
                          reports=folder / "reports" / "pretrain")
         row["pretrain_seconds"] = round(time.perf_counter() - tick, 1)
         stats = json.loads((folder / "reports" / "pretrain" / RESULTS_FILE).read_text())
-        row.update(pretrain_epochs=round(stats["epochs"], 2), pretrain_steps=stats["steps"])
-    tick = time.perf_counter()
-    with mlflow_run("finetune", fine_v, tags=tags):
-        finetune.run(fine_v, clips=paths.clips, encoder=encoder, artifacts=folder / "artifacts" / "finetune",
-                     run_dir=folder / "runs" / "finetune", metrics=folder / "metrics" / "finetune.json",
-                     reports=folder / "reports" / "finetune")
-        row["finetune_seconds"] = round(time.perf_counter() - tick, 1)
-        current_run().log_metrics({"experiment/pretrain_seconds": row["pretrain_seconds"],
-                               "experiment/finetune_seconds": row["finetune_seconds"]})
-    scores = json.loads((folder / "reports" / "finetune" / RESULTS_FILE).read_text())
-    k = min(5, len(scores["class_names"]))
-    row.update(top1=scores["top1"], topk=scores[f"top{k}"], k=k,
+        gflops = stats["train_gflops_per_clip"]
+        row.update(pretrain_epochs=round(stats["epochs"], 2), pretrain_steps=stats["steps"],
+                   pretrain_gflops_per_clip=gflops,
+                   pretrain_tflops=gflops * stats["steps"] * stats["batch_size"] / 1e3,
+                   **{key: stats[key] for key in PRETRAIN_TARGETS if key in stats})
+    row["finetune_seconds"] = 0.0
+    for mode in settings.modes:
+        name = MODE_FOLDERS[mode]
+        tick = time.perf_counter()
+        with mlflow_run("finetune", fine_v.model_copy(update={"mode": mode}), tags={**tags, "mode": mode}):
+            finetune.run(fine_v.model_copy(update={"mode": mode}), clips=paths.clips, encoder=encoder,
+                         artifacts=folder / "artifacts" / name, run_dir=folder / "runs" / name,
+                         metrics=folder / "metrics" / f"{name}.json", reports=folder / "reports" / name)
+            seconds = round(time.perf_counter() - tick, 1)
+            current_run().log_metrics({"experiment/pretrain_seconds": row["pretrain_seconds"],
+                                       "experiment/finetune_seconds": seconds})
+        scores = json.loads((folder / "reports" / name / RESULTS_FILE).read_text())
+        k = min(5, len(scores["class_names"]))
+        row.update({f"top1_{mode}": scores["top1"], f"top{k}_{mode}": scores[f"top{k}"], "k": k,
+                    f"{mode}_seconds": seconds, "top1_majority": scores["top1_majority"],
+                    "videos": scores["videos"]})
+        row["finetune_seconds"] += seconds
+    first = settings.modes[0]
+    row.update(top1=row[f"top1_{first}"], topk=row[f"top{row['k']}_{first}"],
                wall_seconds=round(row["pretrain_seconds"] + row["finetune_seconds"], 1))
     write_json(done, row)
     return row
 
 
-def work_fingerprint(pre: pretrain.Params | None, fine: finetune.Params, paths: Paths) -> str:
+def work_fingerprint(pre: pretrain.Params | None, fine: finetune.Params, paths: Paths,
+                     modes: list[str] = ("full",)) -> str:
     """Identifies a variant's settings: a result made with other settings is recomputed."""
-    return fingerprint(pre, fine, paths)
+    return fingerprint(pre, fine, paths, list(modes))
 
 
 def render_table(rows: list[dict], pre: pretrain.Params, fine: finetune.Params, settings: Settings) -> str:
@@ -202,14 +229,19 @@ def render_table(rows: list[dict], pre: pretrain.Params, fine: finetune.Params, 
              "recipe for every row. MAM2's claim (arXiv 2210.05234): MAM2 at E/2 epochs matches VideoMAE "
              "at E.",
              "",
-             f"| variant | objective | pre-train epochs | pre-train steps | top-1 | top-{k} | pre-train s "
-             "| fine-tune s | total s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | objective | pre-train epochs | pre-train steps | GFLOP/clip | pre-train TFLOP "
+             + "".join(f"| top-1 {mode} " for mode in settings.modes)
+             + f"| top-{k} | pre-train s | evaluation s | total s |",
+             "|---|---|---:|---:|---:|---:|" + "---:|" * len(settings.modes) + "---:|---:|---:|---:|"]
     for r in rows:
         epochs = "-" if r["pretrain_epochs"] is None else f"{r['pretrain_epochs']:g}"
         lines.append(f"| {r['variant']} | {r['objective']} | {epochs} | {r['pretrain_steps']} "
-                     f"| {r['top1']:.3f} | {r['topk']:.3f} | {r['pretrain_seconds']:.0f} "
+                     f"| {r['pretrain_gflops_per_clip']:.2f} | {r['pretrain_tflops']:.3f} "
+                     + "".join(f"| {r[f'top1_{mode}']:.3f} " for mode in settings.modes)
+                     + f"| {r['topk']:.3f} | {r['pretrain_seconds']:.0f} "
                      f"| {r['finetune_seconds']:.0f} | {r['wall_seconds']:.0f} |")
+    if rows:
+        lines += ["", f"Most frequent class: {rows[0]['top1_majority']:.3f} of {rows[0]['videos']} videos."]
     length = f"{fine.train.steps} steps" if fine.epochs is None else f"{fine.epochs:g} epochs"
     lines += ["", f"Encoder: {pre.model} (depth {pre.depth}, width {pre.embed_dim or 'default'}), "
               f"{pre.num_frames} frames at {pre.input_size}px for pre-training; fine-tuning: {fine.mode}, "
@@ -240,13 +272,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="markdown table")
     parser.add_argument("--variants", default=None, help=f"comma-separated subset of "
                         f"{','.join(v.name for v in VARIANTS)}")
+    parser.add_argument("--modes", default="full", help="comma-separated evaluations of each encoder: "
+                        "full (fine-tuning) and/or linear (a probe on the frozen encoder)")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     setup_logging(args.log_level.upper())
     try:
         path = run_experiment(params_file=args.params, overrides=args.overrides, epochs=args.epochs,
                               root=args.root, report=args.report,
-                              variants=args.variants.split(",") if args.variants else None)
+                              variants=args.variants.split(",") if args.variants else None,
+                              modes=args.modes.split(","))
     except ParamsError as err:
         print(f"{COMMAND}: {err}", file=sys.stderr)
         return 2

@@ -91,6 +91,7 @@ def test_mam2_run_learns_writes_loadable_artifacts_and_logs(tmp_path, one_thread
     headline = ("loss", "appearance_acc", "appearance_acc_baseline", "motion_mse", "motion_mse_baseline")
     assert json.loads(outputs["metrics"].read_text()) == {key: metrics[key] for key in headline}
     assert metrics["steps"] == 60 and metrics["train_clips"] == 2 and "clips_per_s" not in metrics
+    assert metrics["train_gflops_per_clip"] > 0  # counted forward + backward of one clip
     assert {"loss", "loss_appearance", "loss_motion", "motion_mse", "appearance_acc"} <= set(metrics)
     # the trivial baselines beside them, on the same masked targets: a constant code, a zero difference
     assert 0 < metrics["appearance_acc_baseline"] <= 1 and 0 < metrics["motion_mse_baseline"] <= 1 + 1e-4
@@ -133,6 +134,7 @@ def test_videomae_runs_without_a_targets_store(tmp_path, one_thread):
     # the pixel objective's headline: its MSE beside predicting zero, no appearance or motion columns
     headline = json.loads((tmp_path / "metrics.json").read_text())
     assert set(headline) == {"loss", "pixel_mse", "pixel_mse_baseline"}
+    assert json.loads((tmp_path / "reports" / "results.json").read_text())["train_gflops_per_clip"] > 0
 
 
 def test_resume_and_stored_differences_give_the_same_encoder(tmp_path, one_thread):

@@ -68,6 +68,26 @@ def test_experiment_writes_a_table_from_separate_runs(project):
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
 
 
+def test_linear_probes_flops_and_per_target_losses_join_the_rows(project):
+    """--modes full,linear evaluates each encoder both ways in its own folders; each pre-trained row has
+    its counted training FLOPs per clip and its per-target losses beside their trivial baselines."""
+    argv = ["mam2-vs-videomae", "--variants", "mam2_E,videomae_E,scratch", "--modes", "full,linear"]
+    assert main(argv) == 0
+    rows = {name: json.loads((project / "runs" / "experiment" / name / "result.json").read_text())
+            for name in ("mam2_E", "videomae_E", "scratch")}
+    for name, row in rows.items():
+        assert 0 <= row["top1_linear"] <= 1 and 0 <= row["top1_full"] <= 1 and row["top1"] == row["top1_full"]
+        assert (project / "runs" / "experiment" / name / "metrics" / "linear.json").exists()
+    targets = {"appearance_acc", "appearance_acc_baseline", "motion_mse", "motion_mse_baseline"}
+    assert targets <= set(rows["mam2_E"])
+    assert {"loss_pixel", "pixel_mse_baseline"} <= set(rows["videomae_E"])
+    # MAM2's regressor and two decoders cost more per step than VideoMAE's one decoder
+    assert rows["mam2_E"]["pretrain_gflops_per_clip"] > rows["videomae_E"]["pretrain_gflops_per_clip"] > 0
+    assert rows["scratch"]["pretrain_tflops"] == 0
+    table = (project / "reports" / "mam2_vs_videomae.md").read_text()
+    assert "| top-1 full | top-1 linear |" in table and "Most frequent class" in table
+
+
 def test_unknown_variant_fails(project):
     with pytest.raises(StageError, match="unknown variant"):
         run_experiment(variants=["mam2_E/3"])
@@ -100,4 +120,4 @@ def test_runs_are_tagged_for_side_by_side_comparison(project, monkeypatch):
     finetunes = [r for r in runs if r.data.tags["stage"] == "finetune"]
     assert all("val/top1" in r.data.metrics for r in finetunes)  # the same key: one column in the UI
     summary = next(r for r in runs if r.data.tags["stage"] == "experiment")
-    assert set(summary.data.metrics) >= {"videomae_E_2/top1", "scratch/top1"}
+    assert set(summary.data.metrics) >= {"videomae_E_2/top1_full", "scratch/top1_full"}
