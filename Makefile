@@ -50,6 +50,7 @@ test-all: install
 BENCHES = decode loader pretrain_step pretrain_cpu targets pretrain_gpu
 bench: install
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(BIN)/python bench/$$b.py || exit 1; done
+	@echo "== every figure against its target (bench/summary.py)"; $(BIN)/python bench/summary.py
 
 clean:  # DVC outputs and run state; metrics/ is tracked in git and stays
 	rm -rf data artifacts runs mlflow.db mlartifacts
