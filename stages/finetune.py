@@ -388,6 +388,9 @@ def write_outputs(model: VideoClassifier, views: ViewScores, summary: dict, hist
                              headline=headline(k)))
     mlrun = current_run()
     mlrun.log_metrics({"val/top1": summary["top1"], f"val/top{k}": summary[f"top{k}"],
+                         "val/majority_top1": summary["top1_majority"],  # `mam2 runs` shows it beside top1
+                         "val/top1_ci95_low": summary["top1_ci95_low"],
+                         "val/top1_ci95_high": summary["top1_ci95_high"],
                          "val/top1_single_view": summary["top1_single_view"],
                          **{f"val/acc_{name}": acc
                             for name, acc in summary["per_class"].items() if acc is not None}})
