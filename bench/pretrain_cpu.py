@@ -78,10 +78,10 @@ class FromMemory(PretrainDataset):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.cache = [self.sample(int(row), seed) for seed, row in enumerate(self.rows)]
+        self.served = [self.sample(int(row), seed) for seed, row in enumerate(self.rows)]
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
-        return self.cache[key[0]]
+        return self.served[key[0]]
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict]:
         return [self[key] for key in keys]

@@ -39,6 +39,7 @@ from models.video_vit import grid_size
 from pipeline.core.errors import StageError, require
 from pipeline.core.stores import SPLITS, open_clips
 from pipeline.data.batch_reads import read_together, share_cores_in_worker
+from pipeline.data.clip_cache import ClipCache
 
 TARGET_ARRAYS = ("codes", "codes_flipped", "rgb_diff")
 REQUIRED_ARRAYS = ("codes", "codes_flipped")  # rgb_diff can always be recomputed from the frames
@@ -188,8 +189,10 @@ class PretrainDataset(Dataset):
     (`pipeline.data.batch_reads`), and returns what `__getitem__` returns sample by sample.
     """
 
-    def __init__(self, clips: Path | str, targets: Path | str | None, sampling: Sampling) -> None:
+    def __init__(self, clips: Path | str, targets: Path | str | None, sampling: Sampling,
+                 cache_mb: float = 0.0) -> None:
         self.clips_path, self.sampling = Path(clips), sampling
+        self.cache = ClipCache(int(cache_mb * 2**20))  # decoded clips, per process (clip_cache.py)
         self.targets_path = Path(targets) if targets is not None else None
         store = open_clips(self.clips_path)
         self.frames_shape = tuple(store["frames"].shape)
@@ -240,15 +243,28 @@ class PretrainDataset(Dataset):
         every read of the batch goes to Zarr at once (`read_together`)."""
         draws = [self.draw(int(self.rows[index]), seed) for index, seed in keys]
         reads = [self.reads(d) for d in draws]
-        values = iter(read_together(self.arrays(), [read for r in reads for read in r.values()]))
+        values = iter(self.read([read for r in reads for read in r.values()]))
         return [self.assemble(d, {name: next(values) for name in r})
                 for d, r in zip(draws, reads, strict=True)]
 
+    def read(self, reads: list[tuple[str, tuple]]) -> list[np.ndarray]:
+        """The values of `reads` ((array name, selection) pairs), all of Zarr's at once; with the clip
+        cache on, frame windows are cut from whole decoded clips (the same bytes)."""
+        if not self.cache.budget:
+            return read_together(self.arrays(), reads)
+        def whole_clips(rows: list[int]) -> list[np.ndarray]:
+            return read_together(self.arrays(), [("frames", (row,)) for row in rows])
+
+        clips = self.cache.fetch((selection[0] for name, selection in reads if name == "frames"), whole_clips)
+        others = iter(read_together(self.arrays(), [read for read in reads if read[0] != "frames"]))
+        return [clips[selection[0]][selection[1:]] if name == "frames" else next(others)
+                for name, selection in reads]
+
     def sample(self, row: int, seed: int) -> dict[str, Any]:
         """The sample of store row `row` augmented and masked as seed `seed` says."""
-        draw, arrays = self.draw(row, seed), self.arrays()
-        return self.assemble(draw, {name: arrays[array][selection]
-                                    for name, (array, selection) in self.reads(draw).items()})
+        draw = self.draw(row, seed)
+        reads = self.reads(draw)
+        return self.assemble(draw, dict(zip(reads, self.read(list(reads.values())), strict=True)))
 
     def draw(self, row: int, seed: int) -> Draw:
         """The crop and mask seed `seed` gives row `row`."""

@@ -234,3 +234,31 @@ def test_loader_workers_give_the_same_batches(stores):
             for key in one:
                 assert one[key].dtype == other[key].dtype, (workers, key)
                 assert torch.equal(one[key], other[key]), (workers, key)
+
+
+@pytest.mark.parametrize("budget_clips", [100, 1])  # every clip fits; one clip only (evictions each batch)
+def test_the_clip_cache_serves_the_same_bits_and_reads_each_clip_once(stores, budget_clips):
+    plain = PretrainDataset(*stores, sampling(rgb_diff=True))
+    clip_mb = np.prod(plain.frames_shape[1:]) / 2**20
+    cached = PretrainDataset(*stores, sampling(rgb_diff=True), cache_mb=budget_clips * clip_mb)
+    keys = [(index % len(plain), seed) for index, seed in enumerate(range(3 * len(plain)))]  # 3 epochs
+    for start in range(0, len(keys), 4):
+        batch = keys[start:start + 4]
+        for one, other in zip(plain.__getitems__(batch), cached.__getitems__(batch), strict=True):
+            for name, value in one.items():
+                assert torch.equal(value, other[name]) if torch.is_tensor(value) else value == other[name]
+    assert cached[keys[0]]["frames"].equal(plain[keys[0]]["frames"])
+    assert cached.cache.used <= cached.cache.budget
+    if budget_clips >= len(plain):  # after the first epoch every clip is in memory
+        assert cached.cache.misses == len(plain) and cached.cache.hits > 0
+    else:
+        assert len(cached.cache.clips) <= 1
+
+
+def test_a_pickled_dataset_starts_with_an_empty_clip_cache(stores):
+    dataset = PretrainDataset(*stores, sampling(), cache_mb=64)
+    dataset.__getitems__([(0, 0), (1, 1)])
+    assert dataset.cache.clips
+    copy = pickle.loads(pickle.dumps(dataset))  # what a spawned loader worker gets
+    assert not copy.cache.clips and copy.cache.used == 0 and copy.cache.budget == dataset.cache.budget
+    assert copy[(0, 0)]["frames"].equal(dataset[(0, 0)]["frames"])
