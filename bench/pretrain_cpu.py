@@ -42,7 +42,7 @@ os.environ.setdefault("MAM2_PROGRESS", "0")
 
 from bench.loader import make_targets  # noqa: E402
 from bench.pretrain_step import demo_params  # noqa: E402
-from bench.results_file import save_results  # noqa: E402
+from bench.results_file import print_figures, save_results  # noqa: E402
 from pipeline.core.stores import create_clips_store  # noqa: E402
 from pipeline.core.training import Dist, SeededBatchSampler, default_param_groups  # noqa: E402
 from pipeline.data.pretrain_data import PretrainDataset  # noqa: E402
@@ -180,8 +180,7 @@ def main() -> None:
     device = save_results("pretrain_cpu", results)
     print(f"pretrain stage vs bare step on {device}: {results['model']}, batch {results['batch']}, "
           f"{args.steps} steps, {results['workers']} loader workers, {results['threads']} torch threads")
-    for key, value in results.items():
-        print(f"  {key:<28}{value:12.4g}" if isinstance(value, float) else f"  {key:<28}{value!s:>12}")
+    print_figures(results)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ os.environ.setdefault("MAM2_PROGRESS", "0")
 import torch  # noqa: E402
 
 from bench.pretrain_step import make_step, synthetic_batch, time_steps  # noqa: E402
-from bench.results_file import save_results  # noqa: E402
+from bench.results_file import print_figures, save_results  # noqa: E402
 from bench.targets import make_clips, make_tokenizer  # noqa: E402
 from models.mam2 import MAM2  # noqa: E402
 from models.video_vit import build_encoder  # noqa: E402
@@ -114,8 +114,7 @@ def main() -> None:
     name = save_results("pretrain_gpu", results, cuda=True)
     print(f"pretrain at GPU scale on {name}: ViT-B/16 MAM2, {FRAMES} x {SIZE}^2, batch {args.batch}, "
           f"{args.steps} steps")
-    for key, value in results.items():
-        print(f"  {key:<26}{value:12.4g}" if isinstance(value, float) else f"  {key:<26}{value!s:>12}")
+    print_figures(results, width=26)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.results_file import save_results  # noqa: E402
+from bench.results_file import print_figures, save_results  # noqa: E402
 
 os.environ.setdefault("MAM2_MLFLOW", "0")
 
@@ -230,8 +230,7 @@ def main() -> None:
     for key, value in results.items():
         if isinstance(value, dict):
             print(f"  {key}:")
-            for k, v in value.items():
-                print(f"    {k:<22}{v:12.4g}" if isinstance(v, float) else f"    {k:<22}{v!s:>12}")
+            print_figures(value, indent=4, width=22)
         elif isinstance(value, float):
             print(f"  {key:<24}{value:12.4g}")
         else:

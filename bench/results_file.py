@@ -26,3 +26,10 @@ def save_results(benchmark: str, results: dict, *, cuda: bool = False) -> str:
     path = RESULTS / f"{benchmark}-{device}.json"
     path.write_text(json.dumps({"device": device, **results}, indent=2) + "\n")
     return device
+
+
+def print_figures(results: dict, indent: int = 2, width: int = 28) -> None:
+    """One line per figure: its key, then the value (floats to 4 significant digits)."""
+    for key, value in results.items():
+        shown = f"{value:12.4g}" if isinstance(value, float) else f"{value!s:>12}"
+        print(f"{' ' * indent}{key:<{width}}{shown}")

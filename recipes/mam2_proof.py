@@ -65,6 +65,11 @@ def stats(values: list[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def mean_of(rows: list[dict], key: str) -> float:
+    """The mean of `key` over one variant's rows (one per seed)."""
+    return stats([row[key] for row in rows])[0]
+
+
 def cell(values: list[float], digits: int = 3) -> str:
     mean, std = stats(values)
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -79,11 +84,10 @@ def verdict(by: dict[str, list[dict]], mode: str) -> list[str]:
         held = "held" if m_mean - v_mean > spread else "held on the means, within the seeds' spread"
     else:
         held = "did not hold" if v_mean - m_mean > spread else "did not hold on the means, within the spread"
-    compute = stats([r["pretrain_tflops"] for r in by["mam2_E/2"]])[0] / max(
-        stats([r["pretrain_tflops"] for r in by["videomae_E"]])[0], 1e-12)
+    mam2_compute = mean_of(by["mam2_E/2"], "pretrain_tflops")
+    compute = mam2_compute / max(mean_of(by["videomae_E"], "pretrain_tflops"), 1e-12)
     same_compute = [name for name in ("videomae_E", "videomae_E/2")
-                    if stats([r["pretrain_tflops"] for r in by[name]])[0]
-                    <= stats([r["pretrain_tflops"] for r in by["mam2_E/2"]])[0] * 1.0001]
+                    if mean_of(by[name], "pretrain_tflops") <= mam2_compute * 1.0001]
     lines = [f"- **{mode}**: MAM2(E/2) {m_mean:.3f} ± {m_std:.3f} vs VideoMAE(E) {v_mean:.3f} ± {v_std:.3f}: "
              f"MAM2(E/2) ≥ VideoMAE(E) **{held}** at half the epochs. MAM2(E/2) used {compute:.2f}× "
              "VideoMAE(E)'s pre-training FLOPs, so at equal compute it is compared with "
@@ -137,8 +141,8 @@ def report(by: dict[str, list[dict]], seeds: list[int], recipe: Path, wall: floa
                 lines.append(f"| {v.name} | {name} ({sense} is better) | {model[0]:.4f} ± {model[1]:.4f} "
                              f"| {trivial[0]:.4f} | {'yes' if better else 'no'} |")
     flat = sorted({name for v in VARIANTS[:-1] for key, base, name, _ in TARGETS if key in by[v.name][0]
-                   and abs(stats([r[key] for r in by[v.name]])[0] - stats([r[base] for r in by[v.name]])[0])
-                   <= 0.005 * abs(stats([r[base] for r in by[v.name]])[0])})
+                   and abs(mean_of(by[v.name], key) - mean_of(by[v.name], base))
+                   <= 0.005 * abs(mean_of(by[v.name], base))})
     if flat:
         lines += ["", f"Within 0.5% of its trivial baseline in at least one row: {', '.join(flat)}. "
                   "There the decoder gives the trivial answer (no change for the motion target, each "

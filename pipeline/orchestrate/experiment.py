@@ -194,9 +194,10 @@ def run_variant(variant: Variant, pre: pretrain.Params, fine: finetune.Params, p
     row["finetune_seconds"] = 0.0
     for mode in settings.modes:
         name = MODE_FOLDERS[mode]
+        fine_mode = fine_v.model_copy(update={"mode": mode})
         tick = time.perf_counter()
-        with mlflow_run("finetune", fine_v.model_copy(update={"mode": mode}), tags={**tags, "mode": mode}):
-            finetune.run(fine_v.model_copy(update={"mode": mode}), clips=paths.clips, encoder=encoder,
+        with mlflow_run("finetune", fine_mode, tags={**tags, "mode": mode}):
+            finetune.run(fine_mode, clips=paths.clips, encoder=encoder,
                          artifacts=folder / "artifacts" / name, run_dir=folder / "runs" / name,
                          metrics=folder / "metrics" / f"{name}.json", reports=folder / "reports" / name)
             seconds = round(time.perf_counter() - tick, 1)
