@@ -8,9 +8,10 @@ of every horizontally mirrored frame `frame[:, ::-1]` (a mirrored frame's codes 
 codes, so a loader that flips needs these); `rgb_diff` (N, T-1, H, W, 3) int16, exactly
 `frame[t+1] - frame[t]` (Blosc-zstd level 1 with bit-shuffle: faster and smaller than the codes'
 setting, bench/targets_codecs.py). Attrs: codebook_size, downsample, frame_size, num_frames, the
-tokenizer's path and sha256, the clips path. A few clips at a time are read, encoded (on the GPU when
-there is one) and written, the reads and writes in worker processes beside the encoder
-(pipeline/data/targets_io.py), so memory stays flat in N. The store is built in its partial sibling
+tokenizer's path and sha256, the clips path, `rows` (all, or pretraining: only the train-split and
+unlabelled clips that pre-training reads were written) and how many clips were written. A few clips at
+a time are read, encoded (on the GPU when there is one) and written, the reads and writes in worker
+processes beside the encoder (pipeline/data/targets_io.py), so memory stays flat in N. The store is built in its partial sibling
 with a done marker per batch: a killed run resumes, a finished one is renamed into place; `--shard
 i/n` encodes every n-th batch into the shared partial store and the run without `--shard` commits it
 (pipeline/core/shards.py).
@@ -40,7 +41,7 @@ from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
 from pipeline.core.progress import progress_bar
 from pipeline.core.shards import ProgressMarkers, Shard, finish_plan, plan_once
-from pipeline.core.stores import compressor, difference_compressor, open_clips
+from pipeline.core.stores import compressor, difference_compressor, open_clips, train_rows
 from pipeline.core.tensors import clip_to_tensor
 from pipeline.data.targets_io import PREFETCH, TargetsIO
 
@@ -58,6 +59,10 @@ class Params(StageParams):
                                                "codes may differ from fp32 where two codes nearly tie)")
     writers: int = Field(4, ge=1, description="batches compressed and written at once, in worker "
                          "processes beside the encoder (one more process reads the clips)")
+    rows: Literal["all", "pretraining"] = Field("all", description="all: every clip; pretraining: only "
+                                                "the clips pre-training reads (train split and unlabelled "
+                                                "clips), the others left unwritten (codes -1, differences "
+                                                "0): the held-out clips' targets are never read")
 
 
 def run(params: Params, *, clips: Path, tokenizer: Path, targets: Path,
@@ -74,9 +79,10 @@ def run(params: Params, *, clips: Path, tokenizer: Path, targets: Path,
     digest = file_digest(tokenizer)
     tmp = partial_path(targets)
     num_clips = frames.shape[0]
-    batches = [range(s, min(s + params.clips_per_batch, num_clips))
-               for s in range(0, num_clips, params.clips_per_batch)]
-    attrs = {"codebook_size": model.codebook_size, "downsample": model.config.downsample_factor,
+    rows = np.arange(num_clips) if params.rows == "all" else train_rows(open_clips(clips))
+    batches = contiguous_batches(rows, params.clips_per_batch)
+    attrs = {"rows": params.rows, "written_clips": len(rows),
+             "codebook_size": model.codebook_size, "downsample": model.config.downsample_factor,
              "frame_size": int(frames.shape[2]), "num_frames": int(frames.shape[1]),
              "tokenizer": str(tokenizer), "tokenizer_sha256": digest, "clips": str(clips),
              "precision": params.precision, "rgb_diff": "frame[t+1] - frame[t], exact",
@@ -97,14 +103,24 @@ def run(params: Params, *, clips: Path, tokenizer: Path, targets: Path,
         raise StageError(f"{tmp}: {len(left)} batches still missing after the run")  # defensive
     finish_plan(tmp)
     commit(tmp, targets)
-    log.info("targets: %d clips of %d frames -> %s (%d codes per frame, f=%d)", num_clips,
-             frames.shape[1], targets, (frames.shape[2] // attrs["downsample"]) ** 2, attrs["downsample"])
+    log.info("targets: %d of %d clips (%s) of %d frames -> %s (%d codes per frame, f=%d)", len(rows),
+             num_clips, params.rows, frames.shape[1], targets, (frames.shape[2] // attrs["downsample"]) ** 2,
+             attrs["downsample"])
     return {"targets": targets}
 
 
 def run_from_paths(params: Params, paths: Paths, shard: Shard | None = None) -> dict[str, Path]:
     return run(params, clips=paths.clips, tokenizer=paths.artifacts_of("tokenizer") / "vqgan.pt",
                targets=paths.targets, shard=shard)
+
+
+def contiguous_batches(rows: np.ndarray, size: int) -> list[range]:
+    """Sorted `rows` as ranges of at most `size` consecutive rows (a batch never spans a gap)."""
+    batches: list[range] = []
+    for run in np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1):
+        batches += [range(int(run[i]), int(run[min(i + size, len(run)) - 1]) + 1)
+                    for i in range(0, len(run), size)]
+    return batches
 
 
 def load_tokenizer(path: Path) -> VQGAN:

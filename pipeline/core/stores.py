@@ -63,6 +63,17 @@ def write_clip_table(group: zarr.Group, *, labels: np.ndarray, videos: np.ndarra
             array[:] = values
 
 
+def train_rows(store: zarr.Group) -> np.ndarray:
+    """Store rows used for pre-training: the train split plus unlabelled clips (all rows without splits)."""
+    n = store["frames"].shape[0]
+    if "split" not in store:
+        return np.arange(n)
+    keep = store["split"][:] == SPLITS.index("train")
+    if "label" in store:
+        keep |= store["label"][:] < 0  # no label: nothing to evaluate on, so nothing leaks
+    return np.flatnonzero(keep)
+
+
 def open_clips(path: Path | str, mode: str = "r") -> zarr.Group:
     """Open a clips store, with a clear error when it is missing or not a clips store."""
     path = Path(path)

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from models.masking import MASK_KINDS, make_mask
 from models.video_vit import grid_size
 from pipeline.core.errors import StageError, require
-from pipeline.core.stores import SPLITS, open_clips
+from pipeline.core.stores import open_clips, train_rows
 from pipeline.data.batch_reads import read_together, share_cores_in_worker
 from pipeline.data.clip_cache import ClipCache
 
@@ -74,17 +74,6 @@ class TargetsInfo(NamedTuple):
 
     downsample: int
     codebook_size: int
-
-
-def train_rows(store: zarr.Group) -> np.ndarray:
-    """Store rows used for pre-training: the train split plus unlabelled clips (all rows without splits)."""
-    n = store["frames"].shape[0]
-    if "split" not in store:
-        return np.arange(n)
-    keep = store["split"][:] == SPLITS.index("train")
-    if "label" in store:
-        keep |= store["label"][:] < 0  # no label: nothing to evaluate on, so nothing leaks
-    return np.flatnonzero(keep)
 
 
 def open_targets(path: Path | str, frames_shape: tuple[int, ...]) -> zarr.Group:

@@ -20,9 +20,9 @@ import zarr
 from models.vqgan import VQGAN, VQGANConfig, load_vqgan, save_vqgan
 from pipeline.core.errors import StageError
 from pipeline.core.shards import Shard
-from pipeline.core.stores import compressor
+from pipeline.core.stores import compressor, train_rows
 from pipeline.data.pretrain_data import open_targets
-from stages.targets import Params, encode_clips, run
+from stages.targets import Params, contiguous_batches, encode_clips, run
 from tests.models.test_vqgan import _reference_model
 from tests.stages.test_tokenizer import make_clips_store
 
@@ -165,6 +165,26 @@ def test_two_shards_then_the_final_run_equal_one_run(tmp_path, inputs):
     for name in ("codes", "codes_flipped", "rgb_diff"):
         assert np.array_equal(final[name][:], whole[name][:]), name
     assert dict(final.attrs) == dict(whole.attrs)
+
+
+def test_pretraining_rows_only_write_what_pretraining_reads(tmp_path, inputs):
+    """rows=pretraining writes the train-split (and unlabelled) clips exactly as rows=all does and leaves
+    the held-out ones unwritten; batches never span a skipped clip."""
+    clips, tokenizer = inputs  # clips 3 and 7 (0-based: 3) are the val split of make_clips_store
+    whole = make_targets(tmp_path, clips, tokenizer, "whole.zarr")
+    part = make_targets(tmp_path, clips, tokenizer, "part.zarr", rows="pretraining")
+    store = zarr.open_group(str(clips), mode="r")
+    written = train_rows(store)
+    held_out = np.setdiff1d(np.arange(7), written)
+    assert written.tolist() == [0, 1, 2, 4, 5, 6] and held_out.tolist() == [3]
+    for name, fill in (("codes", -1), ("codes_flipped", -1), ("rgb_diff", 0)):
+        assert np.array_equal(part[name][written], whole[name][written]), name
+        assert (part[name][held_out] == fill).all(), name
+    assert part.attrs["rows"] == "pretraining" and part.attrs["written_clips"] == 6
+    assert whole.attrs["rows"] == "all" and whole.attrs["written_clips"] == 7
+    assert contiguous_batches(np.array([0, 1, 2, 4, 5, 6, 9]), 2) == [
+        range(0, 2), range(2, 3), range(4, 6), range(6, 7), range(9, 10)]
+    assert contiguous_batches(np.array([], int), 4) == []
 
 
 def _targets_cli(root: Path) -> list[str]:
