@@ -46,7 +46,7 @@ from models.vqgan import (
 from pipeline.core import stage_cli
 from pipeline.core.atomic import atomic_dir, save_png
 from pipeline.core.errors import StageError
-from pipeline.core.fingerprint import fingerprint, input_stamp
+from pipeline.core.fingerprint import file_digest, fingerprint, input_stamp
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
 from pipeline.core.results import write_results
@@ -82,6 +82,10 @@ class Params(StageParams):
     checkpoint: Path | None = Field(None, description="use this trained VQGAN instead of training one: "
                                     "an official taming .ckpt (set `config` too) or a vqgan.pt of ours")
     config: Path | None = Field(None, description="the official taming .yaml of `checkpoint`")
+    init_checkpoint: Path | None = Field(None, description="train, starting from this vqgan.pt of ours "
+                                         "(same preset and codebook_size) instead of random weights: "
+                                         "continue a shipped tokenizer on new clips (needs "
+                                         "autoencoder_steps: 0, which keeps its codebook)")
     preset: Literal[tuple(PRESETS)] = Field("tiny_f16", description="architecture to train")
     codebook_size: int | None = Field(None, ge=2, le=MAX_CODES, description="codes (null: the preset's)")
     # 64, not 32: the targets stage encodes whole frames, and a model trained only on 2x2-code crops
@@ -112,6 +116,12 @@ class Params(StageParams):
     def _consistent(self) -> Params:
         if self.config is not None and self.checkpoint is None:
             raise ValueError("config is only used with checkpoint (the official .ckpt it describes)")
+        if self.init_checkpoint is not None and self.checkpoint is not None:
+            raise ValueError("init_checkpoint (continue training) and checkpoint (load, no training) "
+                             "exclude each other")
+        if self.init_checkpoint is not None and self.autoencoder_steps:
+            raise ValueError("init_checkpoint needs autoencoder_steps: 0 (the warm-up's k-means would "
+                             "replace the checkpoint's codebook)")
         f = self.vqgan_config().downsample_factor
         if self.checkpoint is None and self.crop_size % f:
             raise ValueError(f"crop_size={self.crop_size} must be a multiple of the preset's "
@@ -328,7 +338,10 @@ class TokenizerObjective(nn.Module):
 def train_tokenizer(params: Params, clips: Path, rows: np.ndarray, run_dir: Path):
     """Train a fresh VQGAN in the shared loop; returns its TrainResult (model: TokenizerObjective)."""
     torch.manual_seed(params.train.seed)
-    objective = TokenizerObjective(VQGAN(params.vqgan_config()), params, params.train.accumulation)
+    vqgan = VQGAN(params.vqgan_config())
+    if params.init_checkpoint is not None:
+        vqgan.load_state_dict(initial_weights(params, vqgan.config))
+    objective = TokenizerObjective(vqgan, params, params.train.accumulation)
     dataset = FramesDataset(clips, rows, crop_size=params.crop_size, flip=params.flip)
     log.info("training a %s VQGAN (%d codes) on %d frames of %d clips, %d steps", params.preset,
              objective.vqgan.codebook_size, len(dataset), len(rows), params.train.steps)
@@ -342,8 +355,26 @@ def work_fingerprint(params: Params, clips: Path, rows: np.ndarray) -> str:
     model_keys = {"preset", "codebook_size", "crop_size", "flip", "recon_loss", "codebook_weight",
                   "autoencoder_steps", "reinit_every", "discriminator", "disc_start", "disc_weight",
                   "disc_layers"}
+    start = file_digest(params.init_checkpoint) if params.init_checkpoint is not None else None
     return fingerprint(params.model_dump(mode="json", include=model_keys), str(Path(clips).resolve()),
-                       rows.tolist(), input_stamp(clips))
+                       rows.tolist(), input_stamp(clips), start)
+
+
+def initial_weights(params: Params, config: VQGANConfig) -> dict[str, Tensor]:
+    """The state dict of `init_checkpoint`, checked against the architecture this run trains."""
+    path = params.init_checkpoint
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer.init_checkpoint not found: {path}")
+    try:
+        start = load_vqgan(path)
+    except CheckpointError as err:
+        raise StageError(f"tokenizer.init_checkpoint: {err}") from err
+    if start.config != config:
+        raise StageError(f"tokenizer.init_checkpoint: {path} is not the architecture of preset "
+                         f"{params.preset!r} with codebook_size {config.n_embed} (its config: "
+                         f"{dataclasses.asdict(start.config)})")
+    log.info("training starts from %s", path)
+    return start.state_dict()
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -189,6 +189,30 @@ def test_stopped_run_resumes_to_the_same_model(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_training_continues_from_an_init_checkpoint(tmp_path):
+    """init_checkpoint starts training from a vqgan.pt of ours: a step of lr 1e-9 keeps its weights, a
+    different architecture or a k-means warm-up (which would replace its codebook) is refused."""
+    clips = make_clips_store(tmp_path / "clips.zarr", num_clips=4, num_frames=2, size=16)
+    settings = {"codebook_size": 16, "crop_size": 16, "val_frames": 4, "autoencoder_steps": 0,
+                "reinit_every": 0}
+    first = tokenize(tmp_path / "first", clips, **settings,
+                     train={"steps": 2, "batch_size": 4, "warmup_steps": 0})
+    start = load_vqgan(first["tokenizer"]).state_dict()
+    still = tokenize(tmp_path / "still", clips, **settings, init_checkpoint=first["tokenizer"],
+                     train={"steps": 1, "batch_size": 4, "warmup_steps": 0, "base_lr": 1e-9,
+                            "min_lr": 1e-9})
+    same = load_vqgan(still["tokenizer"]).state_dict()
+    assert all(torch.allclose(start[k].float(), same[k].float(), atol=1e-6) for k in start)
+    moved = tokenize(tmp_path / "moved", clips, **settings, init_checkpoint=first["tokenizer"],
+                     train={"steps": 2, "batch_size": 4, "warmup_steps": 0})
+    assert not all(torch.equal(start[k], v) for k, v in load_vqgan(moved["tokenizer"]).state_dict().items())
+    with pytest.raises(StageError, match="tokenizer.init_checkpoint.*codebook_size 32"):
+        tokenize(tmp_path / "other", clips, **{**settings, "codebook_size": 32},
+                 init_checkpoint=first["tokenizer"], train={"steps": 1, "batch_size": 4})
+    with pytest.raises(ValueError, match="autoencoder_steps: 0"):
+        Params(**{**settings, "autoencoder_steps": 4}, init_checkpoint=first["tokenizer"])
+
+
 def test_discriminator_learns_only_from_its_own_loss():
     torch.manual_seed(0)
     config = VQGANConfig(embed_dim=8, n_embed=16, z_channels=8, resolution=16, ch=32, ch_mult=(1, 2),
