@@ -25,6 +25,7 @@ from pipeline.core import stage_cli
 from pipeline.core.atomic import atomic_dir
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
+from pipeline.core.pools import WorkerPool, run_jobs
 from pipeline.core.progress import progress
 from pipeline.core.stores import compressor
 from pipeline.data.synthetic import (
@@ -55,6 +56,9 @@ class Params(StageParams):
     motion_gt_clips: int = Field(12, ge=0, description="evaluation clips with exact motion")
     motion_gt_frames: int = Field(24, ge=2, description="frames per evaluation clip")
     motion_gt_points: int = Field(64, ge=1, description="ground-truth point tracks per clip")
+    workers: int = Field(2, ge=0, description="rendering processes, this one included (0 or 1: this "
+                         "one alone); every video has its own seed, so the files are the same for any "
+                         "number")
 
     @field_validator("classes")
     @classmethod
@@ -67,12 +71,13 @@ class Params(StageParams):
 
 def run(params: Params, *, raw: Path, motion_gt: Path) -> dict[str, Path]:
     """Write the labelled videos and samples to `raw`, and the motion ground truth to `motion_gt`."""
-    with atomic_dir(raw) as tmp:
-        write_class_videos(tmp, params)
-        if params.include_samples:
-            copy_sample_videos(tmp)
-    with atomic_dir(motion_gt) as tmp:
-        write_motion_gt(tmp, params)
+    with WorkerPool(params.workers) as pool:
+        with atomic_dir(raw) as tmp:
+            write_class_videos(tmp, params, pool)
+            if params.include_samples:
+                copy_sample_videos(tmp)
+        with atomic_dir(motion_gt) as tmp:
+            write_motion_gt(tmp, params, pool)
     current_run().log_metrics({"data/labelled_videos": len(params.classes) * params.videos_per_class,
                            "data/sample_videos": len(SAMPLE_VIDEOS) if params.include_samples else 0,
                            "data/motion_gt_clips": params.motion_gt_clips})
@@ -83,15 +88,22 @@ def run_from_paths(params: Params, paths: Paths) -> dict[str, Path]:
     return run(params, raw=paths.raw, motion_gt=paths.motion_gt)
 
 
-def write_class_videos(root: Path, params: Params) -> None:
+def write_class_videos(root: Path, params: Params, pool: WorkerPool | None = None) -> None:
     """One folder per class, `videos_per_class` mp4s each; every video has its own seed."""
-    jobs = [(name, i) for name in params.classes for i in range(params.videos_per_class)]
-    for name, i in progress(jobs, desc="demo videos", unit="video"):
-        rng = np.random.default_rng([params.seed, MOTION_CLASSES.index(name), i])
-        frames = render_class_clip(name, size=(params.size, params.size),
-                                   num_frames=params.num_frames, rng=rng)
+    for name in params.classes:
         (root / name).mkdir(exist_ok=True)
-        write_mp4(root / name / f"{name}_{i:03d}.mp4", frames, fps=params.fps, crf=params.crf)
+    jobs = [(root, name, i, params) for name in params.classes for i in range(params.videos_per_class)]
+    for _ in progress(run_jobs(pool, write_class_video, jobs), desc="demo videos", unit="video",
+                      total=len(jobs)):
+        pass
+
+
+def write_class_video(job: tuple[Path, str, int, Params]) -> None:
+    """Render and encode class video `i` of class `name` into `root`/name/ (a worker's job)."""
+    root, name, i, params = job
+    rng = np.random.default_rng([params.seed, MOTION_CLASSES.index(name), i])
+    frames = render_class_clip(name, size=(params.size, params.size), num_frames=params.num_frames, rng=rng)
+    write_mp4(root / name / f"{name}_{i:03d}.mp4", frames, fps=params.fps, crf=params.crf)
 
 
 def copy_sample_videos(root: Path) -> None:
@@ -112,7 +124,7 @@ def motion_gt_clip(params: Params, index: int) -> MotionClip:
                               rng=np.random.default_rng([params.seed, 1000 + index]))
 
 
-def write_motion_gt(root: Path, params: Params) -> None:
+def write_motion_gt(root: Path, params: Params, pool: WorkerPool | None = None) -> None:
     """Render evaluation clips with exact flow, tracks and visibility into `gt.zarr` (+ mp4s)."""
     n, t, s, p = params.motion_gt_clips, params.motion_gt_frames, params.size, params.motion_gt_points
     group = zarr.open_group(str(root / "gt.zarr"), mode="w")
@@ -125,11 +137,19 @@ def write_motion_gt(root: Path, params: Params) -> None:
                         "tracks": "(x, y) pixel coordinates, pixel centres at integers",
                         "style": {"name": "GT_STYLE", **dataclasses.asdict(GT_STYLE)}, "seed": params.seed})
     (root / "videos").mkdir()
-    for i in progress(range(n), desc="motion ground truth", unit="clip"):
-        clip = motion_gt_clip(params, i)
+    jobs = [(root / "videos", i, params) for i in range(n)]
+    for i, clip in progress(run_jobs(pool, motion_gt_video, jobs), desc="motion ground truth", unit="clip",
+                            total=n):
         for name in shapes:
             arrays[name][i] = getattr(clip, name)
-        write_mp4(root / "videos" / f"clip_{i:03d}.mp4", clip.frames, fps=params.fps, crf=params.crf)
+
+
+def motion_gt_video(job: tuple[Path, int, Params]) -> MotionClip:
+    """Render evaluation clip `i`, write its mp4 into `folder`, return it for gt.zarr (a worker's job)."""
+    folder, i, params = job
+    clip = motion_gt_clip(params, i)
+    write_mp4(folder / f"clip_{i:03d}.mp4", clip.frames, fps=params.fps, crf=params.crf)
+    return clip
 
 
 if __name__ == "__main__":

@@ -62,9 +62,11 @@ def test_motion_gt_is_consistent(tmp_path):
 
 
 def test_same_seed_same_bytes(tmp_path):
-    params = Params(**TINY, include_samples=False)
+    """The same seed gives the same files, whether 2 processes render them or this one alone."""
+    params = Params(**TINY, include_samples=False, workers=2)
     run(params, raw=tmp_path / "a", motion_gt=tmp_path / "ga")
-    run(params, raw=tmp_path / "b", motion_gt=tmp_path / "gb")
+    run(params.model_copy(update={"workers": 1}), raw=tmp_path / "b", motion_gt=tmp_path / "gb")
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert digest(tmp_path / "ga") == digest(tmp_path / "gb")
     run(params.model_copy(update={"seed": 1}), raw=tmp_path / "c", motion_gt=tmp_path / "gc")
     assert digest(tmp_path / "a") != digest(tmp_path / "c")
