@@ -46,6 +46,7 @@ from models.vqgan import (
 from pipeline.core import stage_cli
 from pipeline.core.atomic import atomic_dir, save_png
 from pipeline.core.errors import StageError
+from pipeline.core.figures import labelled_montage
 from pipeline.core.fingerprint import file_digest, fingerprint, input_stamp
 from pipeline.core.mlflow_runs import current_run
 from pipeline.core.params import Paths, StageParams
@@ -163,16 +164,16 @@ def run(params: Params, *, clips: Path, artifacts: Path, metrics: Path, reports:
                    train_steps=params.train.steps if params.checkpoint is None else 0)
     with atomic_dir(artifacts) as tmp:
         save_vqgan(model.cpu().eval(), tmp / "vqgan.pt")
+    figure = reconstruction_figure(frames, recon, params.grid_frames, summary)
     outputs = {"tokenizer": artifacts / "vqgan.pt",
                **write_results(summary, reports=reports, metrics=metrics, headline=HEADLINE),
-               "grid": save_png(comparison_grid(frames, recon, params.grid_frames),
-                                reports / "reconstructions.png")}
+               "grid": save_png(figure, reports / "reconstructions.png")}
     if history:
         outputs["history"] = write_history(history, reports / "history.csv")
     mlrun = current_run()
     mlrun.log_metrics({f"val/{k}": summary[k] for k in ("psnr", "baseline_psnr", "codebook_usage",
                                                           "perplexity")})
-    mlrun.log_image(comparison_grid(frames, recon, params.grid_frames), "tokenizer/reconstructions.png")
+    mlrun.log_image(figure, "tokenizer/reconstructions.png")
     mlrun.log_artifact(metrics)
     mlrun.log_artifact(reports, "tokenizer")
     mlrun.log_model(artifacts / "vqgan.pt", "vqgan", model_type="vqgan-tokenizer")
@@ -429,6 +430,18 @@ def comparison_grid(frames: np.ndarray, recon: np.ndarray, count: int) -> np.nda
     """Originals (top row) over their reconstructions (bottom row): (2H, nW, 3) uint8."""
     pair = np.stack([frames[:count], recon[:count]])
     return rearrange(pair, "r n h w c -> (r h) (n w) c")
+
+
+def reconstruction_figure(frames: np.ndarray, recon: np.ndarray, count: int, summary: dict) -> np.ndarray:
+    """The comparison grid with its rows named, each column's PSNR on top and the scores in the title."""
+    count = min(count, len(frames))
+    columns = [f"{psnr(frames[i:i + 1], recon[i:i + 1]):.1f} dB" for i in range(count)]
+    title = (f"Held-out frames (top) and their VQGAN reconstructions through the codes (bottom). "
+             f"Mean PSNR over {summary['val_frames']} frames {summary['psnr']:.2f} dB, predicting the mean "
+             f"frame {summary['baseline_psnr']:.2f} dB; {100 * summary['codebook_usage']:.0f}% of "
+             f"{summary.get('codebook_size', '')} codes in use")
+    return labelled_montage(comparison_grid(frames, recon, count), ["original", "reconstruction"], columns,
+                            title)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pipeline.core.params import ParamsError, Paths, apply_overrides, read_param
 from pipeline.core.stores import SPLITS, create_clips_store
 from pipeline.data.frames_dataset import FramesDataset, held_out_frames, split_rows
 from pipeline.data.synthetic import MOTION_CLASSES, render_class_clip
-from stages.tokenizer import HEADLINE, Params, TokenizerObjective, run
+from stages.tokenizer import HEADLINE, Params, TokenizerObjective, comparison_grid, run
 from tests.models.test_vqgan import OFFICIAL_YAML, official  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +66,10 @@ def test_official_checkpoint_loads_through_the_stage(tmp_path, official):  # noq
     # the metrics file (DVC's columns) holds the headline scalars only
     assert json.loads(out["metrics"].read_text()) == {key: results[key] for key in HEADLINE}
     assert out["results"] == tmp_path / "reports" / "results.json"
-    assert np.asarray(Image.open(out["grid"])).shape == (2 * 32, 3 * 32, 3)
+    grid = np.asarray(Image.open(out["grid"]))  # 2 x 3 frames of 32 px, enlarged and labelled
+    assert grid.ndim == 3 and grid.shape[0] > 2 * 32 and grid.shape[1] > 3 * 32
+    originals, recons = np.zeros((3, 32, 32, 3), np.uint8), np.ones((3, 32, 32, 3), np.uint8)
+    assert comparison_grid(originals, recons, 3).shape == (64, 96, 3)
     assert not (tmp_path / "runs").exists(), "nothing is trained"
 
     # our own format loads without a config; an official one without its config says what is missing
