@@ -3,12 +3,17 @@
     python recipes/ship.py flow      --seconds WALL [--run runs/recipes/motion_pretrain]
     python recipes/ship.py tracker   --seconds WALL [--run runs/recipes/tracker]
     python recipes/ship.py tokenizer --seconds WALL [--run runs/recipes/tokenizer]
+    python recipes/ship.py tokenizer --seconds WALL --first-leg recipes/tokenizer.yaml \
+        --recipe recipes/tokenizer_continue.yaml
 
 Each writes `checkpoints/<name>.json`: the command and recipe, the commit, the steps, the device, the
-wall time, the scores the stage measured (motion_gt for the motion models, held-out demo frames for
-the tokenizer) beside their trivial baselines, the same scores on held-out clips of the pre-training
+wall time, the scores the stage measured (motion_gt for the motion models; for the tokenizer its run's
+own check, and the demo's held-out videos, which the recipe must not have trained on) beside their
+trivial baselines, the same scores on held-out clips of the pre-training
 style (the domain gap), and a quick check on a few clips rendered from seeds that
-`tests/test_checkpoints.py` recomputes from the shipped file.
+`tests/test_checkpoints.py` recomputes from the shipped file. `--recipe` ships another recipe's run (its
+run folder is the parent of its `paths.metrics`); `--first-leg` names the recipe whose model that one
+continued from (`init_checkpoint`), so the provenance lists both legs, their commands and their steps.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from models.flow_io import load_flow_model  # noqa: E402
 from models.tracker import load_tracker  # noqa: E402
 from models.vqgan import load_vqgan  # noqa: E402
 from pipeline.core.params import read_params_file, validate_section  # noqa: E402
+from pipeline.core.stores import open_clips  # noqa: E402
+from pipeline.data.frames_dataset import split_rows  # noqa: E402
 from pipeline.data.synthetic import MOTION_CLASSES, PRETRAIN_STYLE, render_class_clip, render_motion_clip  # noqa: E402
 from pipeline.motion.evaluate import (  # noqa: E402
     evaluate_flow_clip,
@@ -42,7 +49,9 @@ from pipeline.motion.evaluate import (  # noqa: E402
     tapvid_metrics,
 )
 from stages import demo_data  # noqa: E402
+from stages.tokenizer import Params as TokenizerParams  # noqa: E402
 from stages.tokenizer import evaluate as evaluate_tokenizer  # noqa: E402
+from stages.tokenizer import evaluation_frames  # noqa: E402
 
 CHECK_CLIPS, CHECK_PAIRS = 2, 4
 GAP_CLIPS, GAP_FRAMES, GAP_SEED = 8, 24, 2**40  # pre-training-style clips no training run draws
@@ -133,6 +142,25 @@ def tokenizer_frames(count: int, seed: int) -> np.ndarray:
     return np.stack(frames)
 
 
+def tokenizer_held_out(model: torch.nn.Module, recipe_clips: str | None) -> dict:
+    """Scores on the demo's held-out videos (data/clips.zarr's val split), as the tokenizer stage
+    scores a loaded checkpoint, after checking the recipe trained on none of those videos."""
+    store = open_clips(REPO / "data" / "clips.zarr")
+    _, val_rows = split_rows(store, 0.0)
+    if not len(val_rows):
+        raise SystemExit("data/clips.zarr has no val split: run `dvc repro decode` first")
+    if recipe_clips:
+        recipe_store = open_clips(REPO / recipe_clips)
+        train_rows, _ = split_rows(recipe_store, TokenizerParams().val_fraction)
+        trained = {str(recipe_store["videos"][v]) for v in np.unique(recipe_store["video"][:][train_rows])}
+        held_out = {str(store["videos"][v]) for v in np.unique(store["video"][:][val_rows])}
+        if trained & held_out:
+            raise SystemExit(f"the recipe trained on {len(trained & held_out)} of the demo's held-out videos")
+    frames = evaluation_frames(store, TokenizerParams(), model, where=REPO / "data" / "clips.zarr")
+    scores, _ = evaluate_tokenizer(model, frames, batch=32)
+    return {**scores, "videos": "data/clips.zarr val split (the demo's held-out videos)"}
+
+
 def tokenizer_check(model: torch.nn.Module) -> dict[str, float]:
     """Reconstruction PSNR on 16 freshly rendered demo-style frames, next to their mean frame's."""
     scores, _ = evaluate_tokenizer(model, tokenizer_frames(16, seed=2**40), batch=16)
@@ -151,11 +179,20 @@ class Shippable:
     recipe: str
     load: Callable[[Path], torch.nn.Module]
     scores: Callable[[dict], dict]  # from the stage's metrics file
-    extra: Callable[[torch.nn.Module, dict], dict]  # check (and domain gap) from the shipped file
+    extra: Callable[[torch.nn.Module, dict], dict]  # (model, recipe doc): check, domain gap, held-out
 
 
 def _section(recipe: dict, stage: str) -> dict:
     return recipe.get(stage) or {}
+
+
+def _updates(recipe: dict, key: str, default: int) -> int:
+    return int(_section(recipe, "motion_pretrain").get(key, default))
+
+
+def _clips(recipe: dict) -> str | None:
+    """The clips store a recipe trains on, when it names one."""
+    return (recipe.get("paths") or {}).get("clips")
 
 
 SHIPPABLE = {
@@ -164,24 +201,39 @@ SHIPPABLE = {
         "runs/recipes/motion_pretrain", "recipes/motion_pretrain.yaml",
         lambda path: load_flow_model(path).eval(),
         lambda metrics: {"motion_gt": {k: v for k, v in metrics.items() if k.startswith("flow_")}},
-        lambda model, section: {
-            "check": flow_check(model, int(section.get("eval_flow_updates", 8))),
-            "pretraining_style": flow_gap(model, int(section.get("eval_flow_updates", 8)), 128)}),
+        lambda model, recipe: {
+            "check": flow_check(model, _updates(recipe, "eval_flow_updates", 8)),
+            "pretraining_style": flow_gap(model, _updates(recipe, "eval_flow_updates", 8), 128)}),
     "tracker": Shippable(
         "motion_pretrain", "tracker.pt", "PIPs v1 architecture (scaled default config), trained from "
         "scratch by motion_pretrain", "runs/recipes/tracker", "recipes/tracker.yaml",
         lambda path: load_tracker(path).eval(),
         lambda metrics: {"motion_gt": {k: v for k, v in metrics.items() if k.startswith("track_")}},
-        lambda model, section: {
-            "check": tracker_check(model, int(section.get("eval_tracker_iters", 6))),
-            "pretraining_style": tracker_gap(model, int(section.get("eval_tracker_iters", 6)), 128)}),
+        lambda model, recipe: {
+            "check": tracker_check(model, _updates(recipe, "eval_tracker_iters", 6)),
+            "pretraining_style": tracker_gap(model, _updates(recipe, "eval_tracker_iters", 6), 128)}),
     "tokenizer": Shippable(
         "tokenizer", "vqgan.pt", "VQGAN (taming architecture, tiny_f16 preset), trained by the tokenizer "
-        "stage on the demo's clips", "runs/recipes/tokenizer", "recipes/tokenizer.yaml",
+        "stage on 512 rendered videos of the demo's style (demo_data seed 1), none of them the demo's",
+        "runs/recipes/tokenizer", "recipes/tokenizer.yaml",
         lambda path: load_vqgan(path).eval(),
-        lambda metrics: {"held_out_demo_frames": metrics},
-        lambda model, section: {"check": tokenizer_check(model)}),
+        lambda metrics: {"recipe_val": metrics},
+        lambda model, recipe: {"held_out_demo_frames": tokenizer_held_out(model, _clips(recipe)),
+                               "check": tokenizer_check(model)}),
 }
+
+
+def _train_steps(section: dict, model: str) -> int | None:
+    train = section.get("train") or section.get("tracker_train" if model == "tracker" else "flow_train")
+    return (train or {}).get("steps")
+
+
+def run_folder(recipe: dict) -> Path:
+    """The run folder a recipe writes: the parent of its `paths.metrics`."""
+    metrics = (recipe.get("paths") or {}).get("metrics")
+    if not metrics:
+        raise SystemExit("the recipe names no paths.metrics; give --run")
+    return Path(metrics).parent
 
 
 def half_precision(obj):
@@ -199,13 +251,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("model", choices=sorted(SHIPPABLE))
     parser.add_argument("--run", type=Path, help="the recipe's run folder (default: the recipe's)")
-    parser.add_argument("--seconds", type=float, required=True, help="wall time of the recipe run")
+    parser.add_argument("--recipe", type=Path, help="the recipe that trained it (default: the model's)")
+    parser.add_argument("--first-leg", type=Path, help="the recipe whose model --recipe continued from")
+    parser.add_argument("--seconds", type=float, required=True, help="wall time of the recipe run(s)")
     parser.add_argument("--device", help="what trained it (default: this machine's CPU)")
     args = parser.parse_args()
     spec = SHIPPABLE[args.model]
-    run = REPO / (args.run or spec.run)
-    recipe = read_params_file(REPO / spec.recipe)
+    recipe_path = (args.recipe or Path(spec.recipe)).as_posix()
+    recipe = read_params_file(REPO / recipe_path)
     section = _section(recipe, spec.stage)
+    run = REPO / (args.run or (run_folder(recipe) if args.recipe else spec.run))
     metrics = json.loads((run / "metrics" / f"{spec.stage}.json").read_text())
     out = REPO / "checkpoints"
     out.mkdir(exist_ok=True)
@@ -219,14 +274,19 @@ def main() -> int:
         raise SystemExit(f"{target} is {target.stat().st_size / 2**20:.1f} MB; shipped models stay <= 8 MB")
     model = spec.load(target)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    train = section.get("train") or section.get("tracker_train" if args.model == "tracker" else "flow_train")
+    legs = [(args.first_leg.as_posix(), _section(read_params_file(REPO / args.first_leg), spec.stage))
+            if args.first_leg else None, (recipe_path, section)]
+    legs = [{"command": f"mam2 {spec.stage} --params {path}", "recipe": leg,
+             "steps": _train_steps(leg, args.model)} for path, leg in filter(None, legs)]
     provenance = {
-        "model": spec.description, "command": f"mam2 {spec.stage} --params {spec.recipe}",
-        "recipe": section, "commit": commit.strip(), "steps": (train or {}).get("steps"),
+        "model": spec.description, "command": " && ".join(leg["command"] for leg in legs),
+        "recipe": section, "commit": commit.strip(), "steps": sum(leg["steps"] or 0 for leg in legs),
+        **({"legs": legs} if len(legs) > 1 else {}),
         "device": args.device or f"CPU ({platform.processor() or platform.machine()})",
-        "wall_seconds": round(args.seconds), "wall_note": "the whole recipe run: training and scoring",
+        "wall_seconds": round(args.seconds),
+        "wall_note": "the whole recipe run(s): data, training and scoring",
         "storage": storage,
-        **spec.scores(metrics), **spec.extra(model, section),
+        **spec.scores(metrics), **spec.extra(model, recipe),
     }
     target.with_suffix(".json").write_text(json.dumps(provenance, indent=2) + "\n")
     print(json.dumps(provenance, indent=2))
