@@ -11,10 +11,10 @@ setting, bench/targets_codecs.py). Attrs: codebook_size, downsample, frame_size,
 tokenizer's path and sha256, the clips path, `rows` (all, or pretraining: only the train-split and
 unlabelled clips that pre-training reads were written) and how many clips were written. A few clips at
 a time are read, encoded (on the GPU when there is one) and written, the reads and writes in worker
-processes beside the encoder (pipeline/data/targets_io.py), so memory stays flat in N. The store is built in its partial sibling
-with a done marker per batch: a killed run resumes, a finished one is renamed into place; `--shard
-i/n` encodes every n-th batch into the shared partial store and the run without `--shard` commits it
-(pipeline/core/shards.py).
+processes beside the encoder (pipeline/data/targets_io.py), so memory stays flat in N. The store is
+built in its partial sibling with a done marker per batch: a killed run resumes, a finished one is
+renamed into place; `--shard i/n` encodes every n-th batch into the shared partial store and the run
+without `--shard` commits it (pipeline/core/shards.py).
 """
 
 from __future__ import annotations
