@@ -6,17 +6,25 @@ memory, in the demo's class style (`pipeline.data.synthetic.CLASS_STYLE`, 128 px
 to 64 px, 8 frames 4 rendered frames apart: what the demo's fine-tune sees after decode's stride 2 and its
 frame_step 2), trains the demo's classifier (a 4-block ViT-T/16 from scratch, ImageNet-normalised
 inputs, mean pooling + fc_norm) with AdamW and a one-cycle schedule, and prints the training loss and
-the validation top-1 with its 95% Wilson interval every `--eval-every` steps. No augmentation: the
-question is whether the motion is learnt before the clips are memorised.
+the validation top-1 with its 95% Wilson interval every `--eval-every` steps. No augmentation by
+default: the question is whether the motion is learnt before the clips are memorised.
 
-Writes bench/results/class_task_study-<device>.json; prints the figures last.
+Two probes of that question: `--simple` renders the easiest version of the task (one smooth-textured
+object, no grain, a static background), and `--symmetries` adds the augmentations that map a class onto
+another exactly (time reversal swaps every class with its opposite, a horizontal flip swaps left/right
+and the rotations, a vertical flip up/down and the rotations; each with probability 0.5, the label
+swapped with it), under which a clip's appearance says nothing about its label.
+
+Writes bench/results/class_task_study[_simple][_symmetries]-<device>.json; prints the figures last.
 
     python bench/class_task_study.py [--per-class 32] [--val-per-class 8] [--steps 1200] [--threads 2]
+                                     [--simple] [--symmetries]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -31,24 +39,43 @@ from bench.results_file import save_results  # noqa: E402
 from models.classifier import VideoClassifier  # noqa: E402
 from models.video_vit import build_encoder  # noqa: E402
 from pipeline.classify.evaluate import wilson_interval  # noqa: E402
-from pipeline.data.synthetic import MOTION_CLASSES, render_class_clip  # noqa: E402
+from pipeline.data.synthetic import CLASS_STYLE, MOTION_CLASSES, SceneStyle, render_class_clip  # noqa: E402
 
 RENDERED, INPUT, FRAMES, STEP = 128, 64, 8, 4
+SIMPLE_STYLE = dataclasses.replace(CLASS_STYLE, textures=("noise",), num_objects=(1, 1),
+                                   object_size=(0.25, 0.3), background_speed=0.0, grain=0.0)
+# the class each symmetry maps a class to (MOTION_CLASSES order: left, right, up, down, cw, ccw, in,
+# out), and the clip axis it flips (C, T, H, W)
+SYMMETRIES = {"time reversal": ([1, 0, 3, 2, 5, 4, 7, 6], 1),
+              "horizontal flip": ([1, 0, 2, 3, 5, 4, 6, 7], 3),
+              "vertical flip": ([0, 1, 3, 2, 5, 4, 6, 7], 2)}
 
 
-def render(seed: int, cls: int, index: int) -> np.ndarray:
+def render(seed: int, cls: int, index: int, style: SceneStyle = CLASS_STYLE) -> np.ndarray:
     """One clip (3, FRAMES, INPUT, INPUT) float32 in [0, 1]."""
     frames = render_class_clip(MOTION_CLASSES[cls], size=(RENDERED, RENDERED),
                                num_frames=(FRAMES - 1) * STEP + 1,
-                               rng=np.random.default_rng([seed, cls, index]))[::STEP]
+                               rng=np.random.default_rng([seed, cls, index]), style=style)[::STEP]
     x = torch.from_numpy(frames).float().permute(3, 0, 1, 2) / 255
     return F.interpolate(x, size=(INPUT, INPUT), mode="area").numpy()
 
 
-def dataset(seed: int, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+def dataset(seed: int, first: int, count: int, style: SceneStyle = CLASS_STYLE
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     jobs = [(cls, first + i) for cls in range(len(MOTION_CLASSES)) for i in range(count)]
-    clips = np.stack([render(seed, cls, index) for cls, index in jobs])
+    clips = np.stack([render(seed, cls, index, style) for cls, index in jobs])
     return torch.from_numpy(clips), torch.tensor([cls for cls, _ in jobs])
+
+
+def apply_symmetries(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each symmetry on a random half of the batch (B, C, T, H, W), labels mapped with it."""
+    x, y = x.clone(), y.clone()
+    for mapping, axis in SYMMETRIES.values():
+        chosen = torch.rand(len(x), generator=generator) < 0.5
+        x[chosen] = x[chosen].flip(axis + 1)
+        y[chosen] = torch.tensor(mapping)[y[chosen]]
+    return x, y
 
 
 def main() -> None:
@@ -61,22 +88,28 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--simple", action="store_true", help="the easiest version of the task")
+    parser.add_argument("--symmetries", action="store_true", help="label-swapping flips and reversal")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     tick = time.perf_counter()
-    x_train, y_train = dataset(args.seed, 0, args.per_class)
-    x_val, y_val = dataset(args.seed, args.per_class, args.val_per_class)
+    style = SIMPLE_STYLE if args.simple else CLASS_STYLE
+    x_train, y_train = dataset(args.seed, 0, args.per_class, style)
+    x_val, y_val = dataset(args.seed, args.per_class, args.val_per_class, style)
     render_s = time.perf_counter() - tick
     torch.manual_seed(args.seed)
     model = VideoClassifier(build_encoder("tiny", depth=4, img_size=INPUT, num_frames=FRAMES),
                             len(MOTION_CLASSES), input_norm="imagenet")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, args.lr, total_steps=args.steps, pct_start=0.05)
-    rows, tick = [], time.perf_counter()
+    rows, tick, generator = [], time.perf_counter(), torch.Generator().manual_seed(args.seed)
     for step in range(1, args.steps + 1):
         batch = torch.randint(len(x_train), (args.batch,))
-        loss = F.cross_entropy(model(x_train[batch]), y_train[batch])
+        x, y = x_train[batch], y_train[batch]
+        if args.symmetries:
+            x, y = apply_symmetries(x, y, generator)
+        loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -91,8 +124,10 @@ def main() -> None:
                          "val_ci95": [low, high], "seconds": time.perf_counter() - tick})
             print(f"step {step}: train loss {loss.item():.3f}, val top-1 {right / len(y_val):.3f} "
                   f"({low:.2f}-{high:.2f}), {time.perf_counter() - tick:.0f} s", flush=True)
-    path = save_results("class_task_study", {
+    variant = "".join(f"_{flag}" for flag in ("simple", "symmetries") if getattr(args, flag))
+    path = save_results(f"class_task_study{variant}", {
         "per_class": args.per_class, "val_per_class": args.val_per_class, "steps": args.steps,
+        "simple": args.simple, "symmetries": args.symmetries,
         "batch": args.batch, "lr": args.lr, "render_seconds": render_s, "curve": rows})
     best = max(rows, key=lambda row: row["val_top1"])
     chance = 1 / len(MOTION_CLASSES)
