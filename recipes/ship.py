@@ -9,9 +9,9 @@
 Each writes `checkpoints/<name>.json`: the command and recipe, the commit, the steps, the device, the
 wall time, the scores the stage measured (motion_gt for the motion models; for the tokenizer its run's
 own check, and the demo's held-out videos, which the recipe must not have trained on) beside their
-trivial baselines, the same scores on held-out clips of the pre-training
-style (the domain gap), and a quick check on a few clips rendered from seeds that
-`tests/test_checkpoints.py` recomputes from the shipped file. `--recipe` ships another recipe's run (its
+trivial baselines, the same scores on held-out clips of the pre-training style (the domain gap), and a
+quick check on a few clips rendered from seeds that `tests/test_checkpoints.py` recomputes from the
+shipped file. `--recipe` ships another recipe's run (its
 run folder is the parent of its `paths.metrics`); `--first-leg` names the recipe whose model that one
 continued from (`init_checkpoint`), so the provenance lists both legs, their commands and their steps.
 """
@@ -152,13 +152,17 @@ def tokenizer_held_out(model: torch.nn.Module, recipe_clips: str | None) -> dict
     if recipe_clips:
         recipe_store = open_clips(REPO / recipe_clips)
         train_rows, _ = split_rows(recipe_store, TokenizerParams().val_fraction)
-        trained = {str(recipe_store["videos"][v]) for v in np.unique(recipe_store["video"][:][train_rows])}
-        held_out = {str(store["videos"][v]) for v in np.unique(store["video"][:][val_rows])}
+        trained, held_out = videos_of(recipe_store, train_rows), videos_of(store, val_rows)
         if trained & held_out:
             raise SystemExit(f"the recipe trained on {len(trained & held_out)} of the demo's held-out videos")
     frames = evaluation_frames(store, TokenizerParams(), model, where=REPO / "data" / "clips.zarr")
     scores, _ = evaluate_tokenizer(model, frames, batch=32)
     return {**scores, "videos": "data/clips.zarr val split (the demo's held-out videos)"}
+
+
+def videos_of(store, rows: np.ndarray) -> set[str]:
+    """The source video paths of a clips store's `rows`."""
+    return {str(store["videos"][v]) for v in np.unique(store["video"][:][rows])}
 
 
 def tokenizer_check(model: torch.nn.Module) -> dict[str, float]:
@@ -274,10 +278,12 @@ def main() -> int:
         raise SystemExit(f"{target} is {target.stat().st_size / 2**20:.1f} MB; shipped models stay <= 8 MB")
     model = spec.load(target)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    legs = [(args.first_leg.as_posix(), _section(read_params_file(REPO / args.first_leg), spec.stage))
-            if args.first_leg else None, (recipe_path, section)]
+    recipes = [(recipe_path, section)]
+    if args.first_leg:
+        first = _section(read_params_file(REPO / args.first_leg), spec.stage)
+        recipes.insert(0, (args.first_leg.as_posix(), first))
     legs = [{"command": f"mam2 {spec.stage} --params {path}", "recipe": leg,
-             "steps": _train_steps(leg, args.model)} for path, leg in filter(None, legs)]
+             "steps": _train_steps(leg, args.model)} for path, leg in recipes]
     provenance = {
         "model": spec.description, "command": " && ".join(leg["command"] for leg in legs),
         "recipe": section, "commit": commit.strip(), "steps": sum(leg["steps"] or 0 for leg in legs),

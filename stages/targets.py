@@ -72,14 +72,15 @@ def run(params: Params, *, clips: Path, tokenizer: Path, targets: Path,
     With `shard`, encode only that shard's batches into the shared partial store and return it; a
     later run without `shard` finds them done and commits the store.
     """
-    frames = open_clips(clips)["frames"]
+    store = open_clips(clips)
+    frames = store["frames"]
     model = load_tokenizer(tokenizer)
     check_geometry(frames.shape, model, clips)
     device = pick_device(params.device)
     digest = file_digest(tokenizer)
     tmp = partial_path(targets)
     num_clips = frames.shape[0]
-    rows = np.arange(num_clips) if params.rows == "all" else train_rows(open_clips(clips))
+    rows = np.arange(num_clips) if params.rows == "all" else train_rows(store)
     batches = contiguous_batches(rows, params.clips_per_batch)
     attrs = {"rows": params.rows, "written_clips": len(rows),
              "codebook_size": model.codebook_size, "downsample": model.config.downsample_factor,
