@@ -95,11 +95,13 @@ class Params(StageParams):
     align_weight: float = Field(0.0, ge=0, description="weight of CAE's alignment loss: MSE between the "
                                 "regressor's latents of the masked tubelets and the encoder's own (no-grad) "
                                 "latents of them; costs an encoder pass over the masked tubelets. CAE: 2; "
-                                "not confirmed by the MAM2 paper; 0: off; objectives with a regressor only")
+                                "not confirmed by the MAM2 paper, and 2 lost to 0 on every seed of "
+                                "recipes/mam2_ablations.py; 0: off; objectives with a regressor only")
     regressor_block: Literal["prenorm", "cae"] = Field(
-        "prenorm", description="regressor block layout: cae = CAE's (the query stream is normalised after "
+        "cae", description="regressor block layout: cae = CAE's (the query stream is normalised after "
         "the attention residual, then the MLP residual added), prenorm = a pre-norm MLP branch; the MAM2 "
-        "paper confirms neither")
+        "paper confirms neither; cae beat prenorm's code accuracy on every seed of "
+        "recipes/mam2_ablations.py (reports/mam2_ablations.md)")
     input_norm: Literal["imagenet", "none"] = Field("imagenet", description="encoder input normalisation "
                                                     "(VideoMAE's: ImageNet mean/std); encoder.pt records it "
                                                     "and finetune uses it")

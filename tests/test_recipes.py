@@ -40,3 +40,28 @@ def test_the_vit_b_recipe_is_the_papers_model_and_schedule() -> None:
     assert train.learning_rate() == pytest.approx(1.5e-4 * 2048 / 256)  # VideoMAE's lr x batch / 256
     tune = validate_section(doc, "finetune", finetune.Params)
     assert (tune.crop_scale, tune.random_erasing, tune.rand_augment) == ((0.08, 1.0), 0.25, True)
+
+
+def test_each_mam2_ablation_sets_one_valid_pretrain_choice_and_the_rule_needs_every_seed() -> None:
+    from recipes.mam2_ablations import ABLATIONS, render
+    from stages import pretrain
+
+    base = pretrain.Params()
+    for ablation in ABLATIONS[1:]:
+        pretrain.Params(**{**base.model_dump(), **ablation.change})  # validates
+        assert len(ablation.change) == 1, ablation.name
+    choices = {key for a in ABLATIONS for key in a.change}
+    assert choices == {"regressor_block", "align_weight", "motion_min_std"}
+
+    def rows(name: str, accs: list[float]) -> list[dict]:
+        return [{"variant": name, "seed": seed, "seconds": 1.0, "appearance_acc": acc,
+                 "appearance_acc_baseline": 0.04, "motion_mse": 0.8, "motion_mse_baseline": 0.8}
+                for seed, acc in enumerate(accs)]
+
+    report = render({"default": rows("default", [0.06, 0.07, 0.08]),
+                     "cae_block": rows("cae_block", [0.07, 0.08, 0.09]),
+                     "align": rows("align", [0.09, 0.06, 0.10])}, base, [0, 1, 2])
+    assert "**cae_block**: code accuracy minus the default's 0.0100 ± 0.0000 (higher on 3 of 3 seeds); " \
+           "beats the default on every seed" in report
+    assert "**align**" in report and "(higher on 2 of 3 seeds); does not beat" in report
+    assert "no_std_floor" not in report  # not run, not reported

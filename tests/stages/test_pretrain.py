@@ -189,7 +189,7 @@ def test_cae_switches_reach_the_model(tmp_path, one_thread):
     assert np.isfinite(metrics["loss_align"]) and metrics["loss_align"] > 0
     full = torch.load(tmp_path / "artifacts" / "model.pt", weights_only=True)
     assert full["params"]["regressor_block"] == "cae" and full["params"]["align_weight"] == 2.0
-    assert Params().regressor_block == "prenorm" and Params().align_weight == 0.0  # pending an ablation
+    assert Params().regressor_block == "cae" and Params().align_weight == 0.0  # as the ablation decided
     with pytest.raises(ParamsError, match="pretrain.regressor_block"):
         validate_section({"pretrain": {"regressor_block": "postnorm"}}, "pretrain", Params)
 
