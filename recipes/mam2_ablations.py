@@ -34,10 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from pipeline.core.atomic import atomic_file, write_json  # noqa: E402
 from pipeline.core.fingerprint import fingerprint  # noqa: E402
-from pipeline.core.mlflow_runs import mlflow_run  # noqa: E402
 from pipeline.core.params import Paths, apply_overrides, read_params_file, validate_section  # noqa: E402
 from pipeline.core.progress import setup_logging  # noqa: E402
-from pipeline.core.results import RESULTS_FILE  # noqa: E402
+from pipeline.orchestrate.experiment import pretrain_in  # noqa: E402
+from recipes.mam2_proof import cell  # noqa: E402
 from stages import pretrain  # noqa: E402
 
 log = logging.getLogger("mam2_ablations")
@@ -71,27 +71,17 @@ def run_one(ablation: Ablation, base: pretrain.Params, paths: Paths, seed: int, 
         log.info("%s seed %d: already done (%s)", ablation.name, seed, done)
         return json.loads(done.read_text())
     tick = time.perf_counter()
-    tags = {"experiment": "mam2_ablations", "variant": ablation.name, "seed": str(seed)}
-    with mlflow_run("pretrain", params, tags=tags):
-        pretrain.run(params, clips=paths.clips, targets=paths.targets,
-                     tokenizer=paths.artifacts_of("tokenizer") / "vqgan.pt", artifacts=folder / "artifacts",
-                     run_dir=folder / "runs", metrics=folder / "metrics.json", reports=folder / "reports")
-    stats = json.loads((folder / "reports" / RESULTS_FILE).read_text())
+    stats = pretrain_in(folder, params, paths,
+                        tags={"experiment": "mam2_ablations", "variant": ablation.name, "seed": str(seed)})
     row = {"variant": ablation.name, "seed": seed, "signature": signature,
            "seconds": round(time.perf_counter() - tick, 1), **{key: stats[key] for key in SCORES}}
     write_json(done, row)
     return row
 
 
-def mean_std(values: list[float], digits: int = 4) -> str:
-    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-    return f"{float(np.mean(values)):.{digits}f} ± {std:.{digits}f}"
-
-
 def render(rows: dict[str, list[dict]], base: pretrain.Params, seeds: list[int]) -> str:
-    settings = ", ".join(f"{key} {getattr(base, key):.4g}" if isinstance(getattr(base, key), float)
-                         else f"{key} {getattr(base, key)}" for key in ("regressor_block", "align_weight",
-                                                                     "motion_min_std"))
+    settings = (f"regressor_block {base.regressor_block}, align_weight {base.align_weight:g}, "
+                f"motion_min_std {base.motion_min_std:.4g}")
     lines = ["# MAM2 ablations: the choices the paper does not settle", "",
              f"`python recipes/mam2_ablations.py --seeds {' '.join(map(str, seeds))}`: the demo's "
              f"pre-training ({base.model}, depth {base.depth}, {base.num_frames} x {base.input_size}², "
@@ -107,7 +97,7 @@ def render(rows: dict[str, list[dict]], base: pretrain.Params, seeds: list[int])
             continue
         r = rows[ablation.name]
         lines.append(f"| {ablation.name} | {ablation.what} | "
-                     + " | ".join(mean_std([row[key] for row in r]) for key in SCORES)
+                     + " | ".join(cell([row[key] for row in r], 4) for key in SCORES)
                      + f" | {np.mean([row['seconds'] for row in r]):.0f} |")
     lines += ["", "## Each ablation against the default, paired by seed", ""]
     default = {row["seed"]: row for row in rows.get("default", [])}
@@ -119,7 +109,7 @@ def render(rows: dict[str, list[dict]], base: pretrain.Params, seeds: list[int])
         wins = sum(d > 0 for d in diff)
         verdict = ("beats the default on every seed: worth making the default" if wins == len(pairs)
                    else "does not beat the default on every seed: the default stays")
-        lines.append(f"- **{ablation.name}**: code accuracy minus the default's {mean_std(diff)} "
+        lines.append(f"- **{ablation.name}**: code accuracy minus the default's {cell(diff, 4)} "
                      f"(higher on {wins} of {len(pairs)} seeds); {verdict}.")
     return "\n".join(lines) + "\n"
 

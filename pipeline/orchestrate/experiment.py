@@ -179,13 +179,8 @@ def run_variant(variant: Variant, pre: pretrain.Params, fine: finetune.Params, p
     encoder = folder / "artifacts" / "pretrain" / "encoder.pt"
     if pre_v is not None:
         tick = time.perf_counter()
-        with mlflow_run("pretrain", pre_v, tags=tags):
-            pretrain.run(pre_v, clips=paths.clips, targets=paths.targets,
-                         tokenizer=paths.artifacts_of("tokenizer") / "vqgan.pt", artifacts=encoder.parent,
-                         run_dir=folder / "runs" / "pretrain", metrics=folder / "metrics" / "pretrain.json",
-                         reports=folder / "reports" / "pretrain")
+        stats = pretrain_in(folder, pre_v, paths, tags)
         row["pretrain_seconds"] = round(time.perf_counter() - tick, 1)
-        stats = json.loads((folder / "reports" / "pretrain" / RESULTS_FILE).read_text())
         gflops = stats["train_gflops_per_clip"]
         row.update(pretrain_epochs=round(stats["epochs"], 2), pretrain_steps=stats["steps"],
                    pretrain_gflops_per_clip=gflops,
@@ -214,6 +209,17 @@ def run_variant(variant: Variant, pre: pretrain.Params, fine: finetune.Params, p
                wall_seconds=round(row["pretrain_seconds"] + row["finetune_seconds"], 1))
     write_json(done, row)
     return row
+
+
+def pretrain_in(folder: Path, params: pretrain.Params, paths: Paths, tags: dict[str, str]) -> dict:
+    """Pre-train with `params` inside `folder` (its artifacts/, runs/, metrics/ and reports/ hold the
+    stage's outputs), as one MLflow run tagged `tags`; return the run's results.json."""
+    with mlflow_run("pretrain", params, tags=tags):
+        pretrain.run(params, clips=paths.clips, targets=paths.targets,
+                     tokenizer=paths.artifacts_of("tokenizer") / "vqgan.pt",
+                     artifacts=folder / "artifacts" / "pretrain", run_dir=folder / "runs" / "pretrain",
+                     metrics=folder / "metrics" / "pretrain.json", reports=folder / "reports" / "pretrain")
+    return json.loads((folder / "reports" / "pretrain" / RESULTS_FILE).read_text())
 
 
 def work_fingerprint(pre: pretrain.Params | None, fine: finetune.Params, paths: Paths,
