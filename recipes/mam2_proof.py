@@ -100,6 +100,25 @@ def verdict(by: dict[str, list[dict]], mode: str) -> list[str]:
     return lines
 
 
+def against_scratch(by: dict[str, list[dict]], mode: str) -> list[str]:
+    """Each pre-trained row against the encoder fine-tuned from scratch, for one evaluation mode: does
+    pre-training help at all here?"""
+    base_mean, base_std = stats([r[f"top1_{mode}"] for r in by["scratch"]])
+    worse, better, level = [], [], []
+    for v in VARIANTS[:-1]:
+        mean, std = stats([r[f"top1_{mode}"] for r in by[v.name]])
+        gap, spread = mean - base_mean, max(std, base_std)
+        (better if gap > spread else worse if -gap > spread else level).append(f"{v.name} {mean:.3f}")
+    line = f"- **{mode}**, against no pre-training (scratch {base_mean:.3f} ± {base_std:.3f}): "
+    parts = [f"{label}: {', '.join(names)}" for label, names in
+             (("below it by more than the spread", worse), ("within the spread", level),
+              ("above it by more than the spread", better)) if names]
+    line += "; ".join(parts) + "."
+    if worse and not better and not level:
+        line += " At this scale every pre-training made fine-tuning worse than a random start."
+    return [line]
+
+
 def report(by: dict[str, list[dict]], seeds: list[int], recipe: Path, wall: float, path: Path) -> None:
     first = by["scratch"][0]
     low, high = wilson_interval(first["videos"] // 2, first["videos"])  # the widest: at a top-1 of 0.5
@@ -130,6 +149,9 @@ def report(by: dict[str, list[dict]], seeds: list[int], recipe: Path, wall: floa
                   "the comparisons below are between noise. The per-target table says why.", ""]
     for mode in MODES:
         lines += verdict(by, mode)
+    lines += [""]
+    for mode in MODES:
+        lines += against_scratch(by, mode)
     lines += ["", "## Pre-training targets against their trivial baselines (final steps, mean over seeds)",
               "", "| variant | target | model | trivial baseline | better than the baseline |",
               "|---|---|---:|---:|---|"]
@@ -148,7 +170,7 @@ def report(by: dict[str, list[dict]], seeds: list[int], recipe: Path, wall: floa
                   "There the decoder gives the trivial answer (no change for the motion target, each "
                   "patch's mean for the normalised pixels): the encoder is not made to learn what the "
                   "target carries, so the features it passes to fine-tuning are no better than random "
-                  "ones."]
+                  "ones (the rows against scratch above say whether they are worse)."]
     lines += ["", "Per-seed rows: `runs/mam2_proof/seed_<n>/<variant>/result.json`; "
               "the figure: `reports/mam2_vs_videomae.png`.", ""]
     path.write_text("\n".join(lines))

@@ -65,3 +65,20 @@ def test_each_mam2_ablation_sets_one_valid_pretrain_choice_and_the_rule_needs_ev
            "beats the default on every seed" in report
     assert "**align**" in report and "(higher on 2 of 3 seeds); does not beat" in report
     assert "no_std_floor" not in report  # not run, not reported
+
+
+def test_the_proof_says_which_pretrained_rows_fine_tune_worse_than_scratch() -> None:
+    from recipes.mam2_proof import against_scratch
+
+    def rows(full: list[float]) -> list[dict]:
+        return [{"top1_full": top1} for top1 in full]
+
+    by = {"mam2_E": rows([0.20, 0.22, 0.24]), "mam2_E/2": rows([0.30, 0.25, 0.20]),
+          "videomae_E": rows([0.25, 0.25, 0.25]), "videomae_E/2": rows([0.80, 0.82, 0.84]),
+          "scratch": rows([0.80, 0.84, 0.88])}
+    line = against_scratch(by, "full")[0]
+    assert "scratch 0.840 ± 0.040" in line
+    assert "below it by more than the spread: mam2_E 0.220, mam2_E/2 0.250, videomae_E 0.250" in line
+    assert "within the spread: videomae_E/2 0.820" in line and "every pre-training" not in line
+    by["videomae_E/2"] = rows([0.3, 0.3, 0.3])
+    assert "every pre-training made fine-tuning worse" in against_scratch(by, "full")[0]
