@@ -14,8 +14,9 @@ against predicting zero), as `metrics/pretrain.json` is. Writes `reports/mam2_ab
 std over seeds per variant and, per ablation, its code accuracy minus the default's paired by seed.
 
 The rule, fixed before the runs: an ablation is worth making the default only if its code accuracy
-beats the default's on every seed. The downstream top-1 cannot decide it at the demo's size (every
-pre-trained and scratch encoder fine-tunes to chance: `reports/mam2_vs_videomae.md`).
+beats the default's on every seed. The downstream top-1 cannot decide it at the demo's size: on the
+former demo style every encoder fine-tuned to chance, and on the current one every pre-trained encoder
+fine-tunes worse than a random start (`reports/mam2_vs_videomae.md`).
 """
 
 from __future__ import annotations
