@@ -45,14 +45,14 @@ from models.video_vit import build_encoder  # noqa: E402
 from pipeline.classify.evaluate import wilson_interval  # noqa: E402
 from pipeline.data.synthetic import (  # noqa: E402
     CLASS_STYLE,
+    CLASS_STYLES,
     MOTION_CLASSES,
-    RANDOM_POLARITY_CLASS_STYLE,
     SceneStyle,
     render_class_clip,
 )
 
 RENDERED, INPUT, FRAMES, STEP = 128, 64, 8, 4
-SIMPLE_STYLE = dataclasses.replace(RANDOM_POLARITY_CLASS_STYLE, textures=("noise",), num_objects=(1, 1),
+SIMPLE_STYLE = dataclasses.replace(CLASS_STYLES["random"], textures=("noise",), num_objects=(1, 1),
                                    object_size=(0.25, 0.3), background_speed=0.0, grain=0.0)
 # the class each symmetry maps a class to (MOTION_CLASSES order: left, right, up, down, cw, ccw, in,
 # out), and the clip axis it flips (C, T, H, W)
@@ -106,9 +106,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tick = time.perf_counter()
-    style = CLASS_STYLE
-    if args.simple or args.mixed_contrast:
-        style = SIMPLE_STYLE if args.simple else RANDOM_POLARITY_CLASS_STYLE
+    style = SIMPLE_STYLE if args.simple else CLASS_STYLES["random" if args.mixed_contrast else "fixed"]
     x_train, y_train = dataset(args.seed, 0, args.per_class, style)
     x_val, y_val = dataset(args.seed, args.per_class, args.val_per_class, style)
     render_s = time.perf_counter() - tick

@@ -30,10 +30,9 @@ from pipeline.core.pools import WorkerPool, run_jobs
 from pipeline.core.progress import progress
 from pipeline.core.stores import compressor
 from pipeline.data.synthetic import (
-    CLASS_STYLE,
+    CLASS_STYLES,
     GT_STYLE,
     MOTION_CLASSES,
-    RANDOM_POLARITY_CLASS_STYLE,
     MotionClip,
     render_class_clip,
     render_motion_clip,
@@ -110,9 +109,8 @@ def write_class_video(job: tuple[Path, str, int, Params]) -> None:
     """Render and encode class video `i` of class `name` into `root`/name/ (a worker's job)."""
     root, name, i, params = job
     rng = np.random.default_rng([params.seed, MOTION_CLASSES.index(name), i])
-    style = CLASS_STYLE if params.contrast_polarity == "fixed" else RANDOM_POLARITY_CLASS_STYLE
     frames = render_class_clip(name, size=(params.size, params.size), num_frames=params.num_frames, rng=rng,
-                               style=style)
+                               style=CLASS_STYLES[params.contrast_polarity])
     write_mp4(root / name / f"{name}_{i:03d}.mp4", frames, fps=params.fps, crf=params.crf)
 
 

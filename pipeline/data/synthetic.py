@@ -20,7 +20,7 @@ and by `motion_pretrain` (FlyingChairs/Kubric-style supervised training of the f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -127,8 +127,9 @@ CLASS_STYLE = SceneStyle(num_objects=(1, 2), object_size=(0.15, 0.3), speed=(1.0
 # CLASS_STYLE with contrast polarity drawn at random: the demo's style until the class-task study showed
 # it hides the direction of motion (demo_data's `contrast_polarity: random`; the first two legs of the
 # shipped VQGAN were trained on it).
-RANDOM_POLARITY_CLASS_STYLE = SceneStyle(**{**CLASS_STYLE.__dict__, "object_levels": (0.0, 1.0),
-                                            "background_levels": (0.0, 1.0)})
+RANDOM_POLARITY_CLASS_STYLE = replace(CLASS_STYLE, object_levels=(0.0, 1.0), background_levels=(0.0, 1.0))
+# demo_data's `contrast_polarity` -> the class style it renders
+CLASS_STYLES = {"fixed": CLASS_STYLE, "random": RANDOM_POLARITY_CLASS_STYLE}
 
 
 @dataclass

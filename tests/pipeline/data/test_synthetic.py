@@ -234,3 +234,15 @@ def test_the_evaluation_domain_moves_objects_1_to_10_px_over_a_near_static_backg
     obj, bg = np.concatenate(speeds_obj), np.concatenate(speeds_bg)
     assert np.percentile(bg, 99) < 1.0
     assert np.percentile(obj, 10) > 0.5 and 3.0 < np.median(obj) < 10.0 and np.percentile(obj, 99) < 16
+
+
+def test_class_styles_fix_or_randomise_the_contrast_polarity_and_levels_are_checked():
+    fixed, random = syn.CLASS_STYLES["fixed"], syn.CLASS_STYLES["random"]
+    assert fixed is syn.CLASS_STYLE and fixed.object_levels[0] > fixed.background_levels[1]
+    assert dataclasses.replace(random, object_levels=fixed.object_levels,
+                               background_levels=fixed.background_levels) == fixed
+    layers = syn._class_scene("translate_left", np.random.default_rng(3), (48, 48), 4, fixed)
+    assert layers[0].texture.max() <= 0.3 + 1e-6
+    assert all(layer.texture.min() >= 0.55 - 1e-6 for layer in layers[1:])
+    with pytest.raises(ValueError, match="object_levels"):
+        syn.SceneStyle(object_levels=(0.5, 1.2))
