@@ -42,8 +42,31 @@ def flow_label_loss(model: torch.nn.Module, batch: dict, *, updates: int, gamma:
             "valid_fraction": valid.float().mean()}
 
 
+def labelled_points_only(batch: dict, used: Tensor) -> dict:
+    """The batch cut to the points a loss can use: each sample's points with `used` (B, P) true move
+    to the front in their order, and the points beyond the batch's largest count of them are dropped
+    (those left behind them are padding: the loss weighs them zero).
+
+    The tracker moves each point on its own and the losses average over the used points only, so the
+    loss and its gradients are those of the whole batch. Densified windows label 10-22% of their
+    point slots (the demo's), so this saves most of the tracker's training cost."""
+    keep = int(used.sum(-1).max())
+    if keep == used.shape[-1]:
+        return batch
+    order = torch.sort((~used).to(torch.uint8), dim=-1, stable=True).indices[:, :max(keep, 1)]  # (B, P')
+    out = dict(batch)
+    for key in ("tracks", "valid"):
+        value = batch[key]
+        index = order[:, None].expand(-1, value.shape[1], -1)
+        if value.dim() == 4:
+            index = index[..., None].expand(-1, -1, -1, value.shape[-1])
+        out[key] = value.gather(2, index)
+    return out
+
+
 def track_label_loss(model: PointTracker, batch: dict, *, iters: int, gamma: float) -> dict:
     """L1 sequence loss on the valid track labels (queries: frame 0); visibility is not trained."""
+    batch = labelled_points_only(batch, batch["valid"].any(dim=1))
     tracks, valid = batch["tracks"], batch["valid"]
     preds, _ = model(batch["video"], tracks[:, 0], iters)
     dist = torch.linalg.vector_norm(preds[-1] - tracks, dim=-1)
@@ -78,6 +101,7 @@ def edge_aware_smoothness(flow: torch.Tensor, image: torch.Tensor, edge: float =
 def photometric_track_loss(model: PointTracker, batch: dict, *, iters: int, gamma: float) -> dict:
     """Self-supervised baseline for tracks: each point keeps its query colour in every frame
     (|I_t(p_t) - I_0(q)|), over points whose query is valid; the label positions are not used."""
+    batch = labelled_points_only(batch, batch["valid"][:, 0])
     video, queries, valid = batch["video"], batch["tracks"][:, 0], batch["valid"][:, 0]
     preds, _ = model(video, queries, iters)
     reference = sample_colors(video[:, :1], queries[:, None])  # (B, 1, P, 3)
