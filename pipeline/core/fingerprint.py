@@ -3,13 +3,19 @@ settings or inputs is never mistaken for this run's.
 
 `fingerprint(*parts)` hashes JSON-able parts (pydantic models are dumped, paths become strings,
 numpy arrays and bytes are hashed by content); `file_digest` hashes a file's bytes;
-`input_stamp` identifies a version of stores and files by size and modification time.
+`input_stamp` identifies a version of stores and files by size and modification time;
+`source_digest` hashes the project's source files that define a set of objects (a model, its loss, its
+dataset), so work done by other code is recognised too.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import json
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +23,7 @@ import numpy as np
 from pydantic import BaseModel
 
 DIGITS = 16
+PROJECT = Path(__file__).resolve().parents[2]
 
 
 def _plain(value: Any) -> Any:
@@ -63,3 +70,59 @@ def input_stamp(*paths: Path | str | None) -> list:
         stat = target.stat() if target.exists() else None
         stamps.append([str(path), stat and [stat.st_size, stat.st_mtime_ns]])
     return stamps
+
+
+def source_digest(*objects: Any) -> str:
+    """A digest of the project's source files that define `objects` (`defining_files`): equal while
+    none of those files changes. Installed packages (torch, torchvision, timm) do not count."""
+    files = sorted(set().union(*(defining_files(obj) for obj in objects)))
+    return fingerprint(*[[path.relative_to(PROJECT).as_posix(), file_digest(path)] for path in files])
+
+
+def defining_files(obj: Any) -> set[Path]:
+    """The project's source files behind `obj`: a module's own file; for a class, the modules of its
+    bases; for a torch module, the classes of every submodule; for a function (also inside a
+    `functools.partial` or a bound method), its module and the modules of the project functions and
+    classes its code names; for any other object, its class's."""
+    names: set[str] = set()
+    _module_names(obj, names)
+    files = set()
+    for name in names:
+        path = getattr(sys.modules.get(name), "__file__", None)
+        if path is None:
+            continue
+        path = Path(path).resolve()
+        if path.is_relative_to(PROJECT) and "site-packages" not in path.parts:
+            files.add(path)
+    return files
+
+
+def _module_names(obj: Any, names: set[str], depth: int = 0) -> None:
+    if obj is None:
+        return
+    if isinstance(obj, types.ModuleType):
+        names.add(obj.__name__)
+    elif isinstance(obj, functools.partial):
+        _module_names(obj.func, names, depth)
+    elif isinstance(obj, types.MethodType):
+        _module_names(obj.__func__, names, depth)
+        _module_names(type(obj.__self__), names, depth)
+    elif isinstance(obj, types.FunctionType):
+        names.add(obj.__module__)
+        if depth == 0:  # what it calls by name: the helpers of a loss, one level deep
+            for name in obj.__code__.co_names:
+                value = obj.__globals__.get(name)
+                if isinstance(value, types.FunctionType) or inspect.isclass(value):
+                    _module_names(value, names, depth + 1)
+    elif inspect.isclass(obj):
+        names.update(cls.__module__ for cls in obj.__mro__)
+    elif _is_torch_module(obj):
+        for module in obj.modules():
+            _module_names(type(module), names, depth)
+    else:
+        _module_names(type(obj), names, depth)
+
+
+def _is_torch_module(obj: Any) -> bool:
+    torch = sys.modules.get("torch")  # not imported here: an object can only be one once torch is loaded
+    return torch is not None and isinstance(obj, torch.nn.Module)

@@ -6,7 +6,9 @@ AdamW with decoupled weight decay (none on biases, norms and 1-d params), lr = b
 warm-up then cosine or one-cycle decay, gradient clipping and accumulation, bf16 autocast on GPU,
 optional torch.compile, DDP under torchrun (gloo on CPU, NCCL on GPU) with rank-0 logging and
 saving, checkpoints every N steps and an exact resume (model, optimiser, scaler, RNG, data
-position), and a clear stop when the loss goes non-finite (the last good checkpoint is kept).
+position; a finished run made by other code, per `pipeline.core.fingerprint.source_digest` of the
+model, loss, data and this loop, is trained again), and a clear stop when the loss goes non-finite
+(the last good checkpoint is kept).
 A stage may add a periodic `Evaluation` (e.g. on a validation split): the loop runs it on rank 0,
 in eval mode, without touching the RNG, and its values join the history row of that step, so
 they are logged, plotted and resumed like the training logs.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -36,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pipeline.core.atomic import atomic_file
 from pipeline.core.errors import StageError
+from pipeline.core.fingerprint import source_digest
 from pipeline.core.mlflow_runs import current_run, system_metrics
 from pipeline.core.params import StageParams
 from pipeline.core.progress import bars_enabled, progress_bar
@@ -274,9 +278,10 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, params: TrainPara
 
     `param_groups` may carry an "lr_scale" per group (layer-wise decay). `fingerprint` identifies
     the stage's own settings (include what changes `evaluation`): a checkpoint made with another
-    fingerprint or other train params is not resumed from. Seed (`torch.manual_seed(params.seed)`)
-    before building the model so its initialisation is reproducible. `evaluation` runs on rank 0
-    when due (`Evaluation.due`). Returns the trained (unwrapped) model and the history.
+    fingerprint or other train params is not resumed from, nor a finished one of other code. Seed
+    (`torch.manual_seed(params.seed)`) before building the model so its initialisation is
+    reproducible. `evaluation` runs on rank 0 when due (`Evaluation.due`). Returns the trained
+    (unwrapped) model and the history.
     """
     place = init_distributed()
     device = device_for(place)
@@ -287,7 +292,9 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, params: TrainPara
     dtype = autocast_dtype(params, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     run_dir = Path(run_dir)
-    start, history = _resume(run_dir, model, optimizer, scaler, params, fingerprint, place)
+    code = source_digest(sys.modules[__name__], model, dataset, loss_fn, collate_fn,
+                         evaluation.fn if evaluation else None)
+    start, history = _resume(run_dir, model, optimizer, scaler, params, fingerprint, code, place)
     wrapped = _wrap(model, params, place, find_unused_parameters)
     sampler = SeededBatchSampler(len(dataset), params, place, start)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=params.workers,
@@ -335,7 +342,7 @@ def train(model: nn.Module, dataset: Dataset, loss_fn: LossFn, params: TrainPara
                 if not weights_finite(model):
                     raise StageError(f"the weights became non-finite by step {done}; not saved. "
                                      f"{_last_good(run_dir)} (lower train.base_lr)")
-                save_checkpoint(run_dir, model, optimizer, scaler, params, fingerprint, done, place,
+                save_checkpoint(run_dir, model, optimizer, scaler, params, fingerprint, code, done, place,
                                 result.history)
     result.step = stop
     result.completed = stop == params.steps
@@ -474,8 +481,8 @@ def write_history(history: list[dict[str, float]], path: Path) -> Path:
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler, params: TrainParams, fingerprint: str, step: int,
-                    place: Dist, history: list[dict[str, float]] | None = None) -> None:
+                    scaler: torch.amp.GradScaler, params: TrainParams, fingerprint: str, code: str,
+                    step: int, place: Dist, history: list[dict[str, float]] | None = None) -> None:
     """Rank 0 writes everything an exact resume needs, atomically: with the logged history, so a
     resumed run's history and metrics equal an uninterrupted run's."""
     if not place.is_main:
@@ -484,7 +491,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scaler": scaler.state_dict(), "torch_rng": torch.get_rng_state(),
              "train_params": params.resume_identity(),
-             "fingerprint": fingerprint,
+             "fingerprint": fingerprint, "code": code,
              "history": [{k: v if isinstance(v, int) else float(v) for k, v in row.items()}
                          for row in history or []]}
     if torch.cuda.is_available():
@@ -494,10 +501,15 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
 
 
 def _resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scaler: torch.amp.GradScaler, params: TrainParams, fingerprint: str, place: Dist
+            scaler: torch.amp.GradScaler, params: TrainParams, fingerprint: str, code: str, place: Dist
             ) -> tuple[int, list[dict[str, float]]]:
     """Load the checkpoint in `run_dir` when it belongs to this run; return the step to start at and
-    the history logged up to it."""
+    the history logged up to it.
+
+    `code` digests the source of the model, loss, data and this loop (`source_digest`). A finished
+    run made by other code is trained again: DVC reruns a stage when its code changed, and reusing
+    the old result would leave the change out. An unfinished one is resumed, with a warning (a fix
+    made while a long run was stopped should not cost its progress)."""
     path = run_dir / CHECKPOINT
     if not path.exists():
         return 0, []
@@ -507,6 +519,13 @@ def _resume(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
     if not same:
         log.warning("ignoring %s: it was made with other params; starting afresh", path)
         return 0, []
+    if state.get("code") != code:
+        if int(state["step"]) >= params.steps:
+            log.info("%s holds a finished run of other code (the model, loss, data or training loop "
+                     "changed); training again", path)
+            return 0, []
+        log.warning("resuming %s although the model, loss, data or training loop changed since it "
+                    "was saved", path)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])

@@ -200,3 +200,27 @@ def test_evaluation_joins_the_history_leaves_training_alone_and_resumes(tmp_path
         return [{k: v for k, v in row.items() if not k.endswith("_per_s")} for row in history]
 
     assert stable(resumed.history) == stable(straight.history)
+
+
+def test_a_finished_run_of_other_code_is_trained_again_and_an_unfinished_one_resumes(tmp_path, monkeypatch):
+    calls = []
+
+    def counting_loss(model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
+        calls.append(1)
+        return regression_loss(model, batch)
+
+    def steps_run(run_dir: Path, params: TrainParams = PARAMS) -> tuple[int, nn.Module]:
+        calls.clear()
+        result = train(make_model(), NoisyRegression(), counting_loss, params, run_dir)
+        return len(calls), result.model
+
+    straight = steps_run(tmp_path / "straight")[1]
+    assert steps_run(tmp_path / "done")[0] == 4
+    assert steps_run(tmp_path / "done")[0] == 0  # the same code: the finished run is reused
+    assert steps_run(tmp_path / "half", PARAMS.model_copy(update={"stop_after": 2}))[0] == 2
+    monkeypatch.setattr("pipeline.core.training.source_digest", lambda *objects: "other code")
+    assert steps_run(tmp_path / "done")[0] == 4  # trained again
+    ran, resumed = steps_run(tmp_path / "half")
+    assert ran == 2  # resumed at step 2, with a warning
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
