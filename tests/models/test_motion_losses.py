@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from models.motion_losses import labelled_points_only, photometric_track_loss, track_label_loss
-from models.tracker import PointTracker, TrackerConfig
-
-TINY = TrackerConfig(feat_dim=32, hidden_dim=64, levels=2, radius=3, blocks=2, stride=4)
+from models.tracker import PointTracker
+from tests.models.test_tracker import TINY  # the tracker tests' tiny config
 
 
 def padded_batch(seed: int = 0, points: int = 24) -> dict:

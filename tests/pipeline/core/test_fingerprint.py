@@ -3,11 +3,10 @@
 import functools
 
 from models.motion_losses import flow_label_loss, track_label_loss
-from models.tracker import PointTracker, TrackerConfig
+from models.tracker import PointTracker
 from pipeline.core import fingerprint as fp
 from pipeline.motion.augment import LabelTrackSamples
-
-TINY = TrackerConfig(feat_dim=32, hidden_dim=64, levels=2, radius=3, blocks=2, stride=4)
+from tests.models.test_tracker import TINY  # the tracker tests' tiny config
 
 
 def project_files(obj) -> list[str]:
