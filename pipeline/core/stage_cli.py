@@ -93,6 +93,13 @@ def run_tags(name: str, params: object, params_file: Path, overrides: list[str])
     return {"objective": str(objective)} if objective is not None else {}
 
 
+def compute_threads() -> str | None:
+    """Torch's intra-op threads when the stage loaded torch, else OMP_NUM_THREADS when set: float
+    results depend on it (sums split over threads round differently; README, Orchestration)."""
+    torch = sys.modules.get("torch")
+    return str(torch.get_num_threads()) if torch is not None else os.environ.get("OMP_NUM_THREADS")
+
+
 def _shard_arg(text: str):
     try:
         return parse_shard(text)
@@ -127,6 +134,8 @@ def main(module: ModuleType, argv: list[str] | None = None) -> int:
         return USAGE_EXIT_CODE
     if shard is not None:
         tags["shard"] = str(shard)
+    if threads := compute_threads():
+        tags["compute_threads"] = threads
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     tags["mam2.runs"] = str(paths.runs.resolve())  # a resumed run continues its MLflow run only there
     run = mlflow_run(name, params, tags=tags) if main_rank else contextlib.nullcontext()

@@ -73,6 +73,7 @@ DVC_LOCK = Path(".dvc/tmp/mam2-flow.lock")
 DVC_BUSY = ("Unable to acquire lock", "is busy")  # another DVC command (not ours) holds the repo
 
 
+BRANCHES = 2  # the MAM2 and motion branches run side by side after decode
 PER_SOURCE_STAGES = ("pseudo_labels", "densify")  # dvc.yaml `foreach` stages, one per LabelSource
 # What first_stage/last_stage accept: a registry stage (all its dvc.yaml stages) or one dvc.yaml
 # stage as DVC names it (`pseudo_labels@motion_gt`); a test checks them against dvc.yaml.
@@ -105,6 +106,10 @@ class FlowParams(StageParams):
                               "stage under the lock, one stage at a time")
     retries: int = Field(RETRIES, ge=0, description="retries of the I/O stages (decode, targets, "
                          "pseudo_labels) and their shards")
+    threads_per_stage: int | None = Field(None, ge=1, description="compute threads of each stage "
+                                          "process (OMP_NUM_THREADS, MKL_NUM_THREADS); empty: this "
+                                          "machine's cores shared by the two branches that run at once, "
+                                          "at least 1 (repro mode: all of them)")
 
 
 def document_params(model: type[BaseModel]):
@@ -247,13 +252,33 @@ def _reach(start: set[str], edges: dict[str, set[str]]) -> set[str]:
 # ----------------------------------------------------------------------------- processes
 
 
-def stage_env(parent_run_id: str | None) -> dict[str, str]:
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers narrow), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads_per_stage(dvc_mode: str, cores: int | None = None) -> int:
+    """Each stage process's compute threads when the flow is not told: in `commit` mode the cores
+    shared by the BRANCHES that run side by side, in `repro` mode (one stage at a time) all of them.
+    Torch, like OpenMP, otherwise starts one thread per core in every process; two stages doing so
+    on 2 cores ran 3-12x slower each (README, Orchestration)."""
+    cores = cores or available_cores()
+    return cores if dvc_mode == "repro" else max(1, cores // BRANCHES)
+
+
+def stage_env(parent_run_id: str | None, threads: int | None = None) -> dict[str, str]:
     """The environment of a stage process: this interpreter's bin first on PATH (so the `python`
-    of dvc.yaml's cmd and `dvc` are this environment's), unbuffered output, the parent run."""
+    of dvc.yaml's cmd and `dvc` are this environment's), unbuffered output, the parent run, and
+    `threads` compute threads (OpenMP and MKL, which torch's intra-op pool follows)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     if parent_run_id:
         env["MAM2_PARENT_RUN_ID"] = parent_run_id
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env
 
 
@@ -375,6 +400,7 @@ class StageContext:
     dask_address: str | None
     parent_run_id: str | None
     retries: int = RETRIES
+    threads: int | None = None
 
 
 def _retry_unless_usage_error(task, task_run, state) -> bool:
@@ -394,10 +420,12 @@ def _retry_options(stage: str, retries: int) -> dict[str, Any]:
 
 
 @task(cache_policy=NO_CACHE)
-def shard_task(stage: str, command: str, shard: str, project: str, parent_run_id: str | None) -> str:
+def shard_task(stage: str, command: str, shard: str, project: str, parent_run_id: str | None,
+               threads: int | None = None) -> str:
     """Run the stage's dvc.yaml `cmd` with `--shard i/n` in the project (on whichever worker runs it)."""
     logger = get_run_logger()
-    code, lines = run_streaming(f"{command} --shard {shard}", cwd=Path(project), env=stage_env(parent_run_id),
+    code, lines = run_streaming(f"{command} --shard {shard}", cwd=Path(project),
+                                env=stage_env(parent_run_id, threads),
                                 on_line=lambda line: logger.info("%s", line))
     if code != 0:
         raise StageFailed(stage_error(stage, lines, code), code)
@@ -416,7 +444,8 @@ def run_shards(stage: str, command: str, ctx: StageContext) -> None:
                                             **_retry_options(stage, ctx.retries))
             futures.append(runner.submit(named, {"stage": stage, "command": command, "shard": shard,
                                                  "project": ctx.project,
-                                                 "parent_run_id": ctx.parent_run_id}))
+                                                 "parent_run_id": ctx.parent_run_id,
+                                                 "threads": ctx.threads}))
         for future in futures:
             try:
                 future.result()
@@ -436,7 +465,7 @@ def stage_task(stage: str, ctx: StageContext) -> dict[str, Any]:
     logger = get_run_logger()
     start = time.perf_counter()
     project = Path(ctx.project)
-    dvc = Dvc(project, stage_env(ctx.parent_run_id), lambda line: logger.info("%s", line))
+    dvc = Dvc(project, stage_env(ctx.parent_run_id, ctx.threads), lambda line: logger.info("%s", line))
     changed = dvc.stale(stage)
     if not changed:
         logger.info("%s is up to date (dvc status): nothing to do", stage)
@@ -532,7 +561,8 @@ def collect(futures: dict[str, Any]) -> tuple[dict[str, dict], list[str]]:
 @document_params(FlowParams)
 def mam2_flow(params_file: str = "params.yaml", first_stage: StageChoice | None = None,
               last_stage: StageChoice | None = None, shards: int = 1, dask_address: str | None = None,
-              dvc_mode: DvcMode = "commit", retries: int = RETRIES) -> dict[str, dict]:
+              dvc_mode: DvcMode = "commit", retries: int = RETRIES,
+              threads_per_stage: int | None = None) -> dict[str, dict]:
     """The MAM2 pipeline: every stage of dvc.yaml that has a module, as a DAG, through DVC.
 
     Runs in the project root (where dvc.yaml is). `first_stage`/`last_stage` restrict it to the
@@ -543,7 +573,7 @@ def mam2_flow(params_file: str = "params.yaml", first_stage: StageChoice | None 
     logger = get_run_logger()
     settings = _flow_params(params_file=params_file, first_stage=first_stage, last_stage=last_stage,
                             shards=shards, dask_address=dask_address, dvc_mode=dvc_mode,
-                            retries=retries)
+                            retries=retries, threads_per_stage=threads_per_stage)
     project = Path.cwd()
     dvc_stages = read_dvc_stages(project)
     graph = upstream_graph(pipeline_stages(dvc_stages), dvc_stages)
@@ -556,13 +586,16 @@ def mam2_flow(params_file: str = "params.yaml", first_stage: StageChoice | None 
         shard_runner(settings.dask_address, settings.shards)  # fail now if prefect-dask is missing
     logger.info("stages: %s", ", ".join(f"{s} (after {', '.join(sorted(graph[s] & set(stages)))})"
                                         if graph[s] & set(stages) else s for s in stages))
+    threads = settings.threads_per_stage or default_threads_per_stage(settings.dvc_mode)
+    logger.info("%d compute thread(s) per stage process (threads_per_stage)", threads)
     start = time.perf_counter()
     with pipeline_run(settings, models, params_path) as parent:
         ctx = StageContext(str(project), settings.dvc_mode, settings.shards, settings.dask_address,
-                           parent.run_id, settings.retries)
+                           parent.run_id, settings.retries, threads)
         results, errors = collect(submit_stages(stages, graph, ctx))
         ran = [r for r in results.values() if r["ran"]]
         parent.log_metrics({"flow/seconds": time.perf_counter() - start, "flow/stages_run": len(ran),
+                            "flow/threads_per_stage": threads,
                             **{f"flow/{r['stage'].replace('@', '/')}_seconds": r["seconds"] for r in ran}})
         if errors:
             # the run's last log line: `prefect deployment run --watch` and the UI show the reason

@@ -31,6 +31,7 @@ from pipeline.orchestrate.flows import (  # noqa: E402
     _flow_params,
     _retry_unless_usage_error,
     base_stage,
+    default_threads_per_stage,
     expand_foreach,
     install_params,
     params_source,
@@ -38,6 +39,7 @@ from pipeline.orchestrate.flows import (  # noqa: E402
     read_dvc_stages,
     select_stages,
     shard_runner,
+    stage_env,
     stage_error,
     upstream_graph,
 )
@@ -112,6 +114,16 @@ def test_flow_params_are_validated_naming_the_parameter():
 
 
 # ----------------------------------------------------------------------------- errors
+
+
+def test_each_stage_gets_its_share_of_the_cores():
+    assert default_threads_per_stage("commit", cores=2) == 1, "two branches on two cores"
+    assert default_threads_per_stage("commit", cores=16) == 8
+    assert default_threads_per_stage("commit", cores=1) == 1
+    assert default_threads_per_stage("repro", cores=16) == 16, "one stage at a time: all the cores"
+    env = stage_env("run-id", threads=3)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3" and env["MAM2_PARENT_RUN_ID"] == "run-id"
+    assert stage_env(None).get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS"), "untold: as is"
 
 
 def test_stage_error_is_the_stages_own_message():
@@ -224,7 +236,7 @@ def test_flow_runs_stages_through_dvc_with_a_parent_mlflow_run(flow_repo):
     from pipeline.orchestrate.flows import mam2_flow
 
     start = time.perf_counter()
-    results = mam2_flow(last_stage="decode")
+    results = mam2_flow(last_stage="decode", threads_per_stage=1)
     seconds = time.perf_counter() - start
     print(f"in-process flow run on tiny params (demo_data, decode): {seconds:.1f} s")
     assert [(r["stage"], r["ran"]) for r in results.values()] == [("demo_data", True), ("decode", True)]
@@ -243,6 +255,8 @@ def test_flow_runs_stages_through_dvc_with_a_parent_mlflow_run(flow_repo):
     assert demo_data.data.metrics["data/labelled_videos"] == 4
     assert parent.data.params["last_stage"] == "decode" and parent.data.metrics["flow/stages_run"] == 2
     assert parent.data.metrics["flow/decode_seconds"] > 0
+    assert parent.data.metrics["flow/threads_per_stage"] == 1
+    assert decode.data.tags["compute_threads"] == "1", "the stage process ran on the flow's thread count"
 
     again = mam2_flow(last_stage="decode")
     assert not any(r["ran"] for r in again.values()), "DVC says everything is up to date"
