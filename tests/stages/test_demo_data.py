@@ -7,8 +7,10 @@ import hashlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import zarr
 
+from pipeline.data.synthetic import CLASS_STYLE
 from pipeline.data.video import probe
 from stages.decode import Params as DecodeParams
 from stages.decode import run as decode
@@ -70,3 +72,17 @@ def test_same_seed_same_bytes(tmp_path):
     assert digest(tmp_path / "ga") == digest(tmp_path / "gb")
     run(params.model_copy(update={"seed": 1}), raw=tmp_path / "c", motion_gt=tmp_path / "gc")
     assert digest(tmp_path / "a") != digest(tmp_path / "c")
+
+
+def test_textures_param_renders_the_chosen_surfaces(tmp_path):
+    """The default is the shipped class style; `textures: [flat]` renders uniform surfaces (a control)."""
+    from stages.demo_data import class_style
+
+    assert class_style(Params()) == CLASS_STYLE
+    params = Params(**{**TINY, "motion_gt_clips": 0}, include_samples=False, textures=("flat",), workers=1)
+    run(params, raw=tmp_path / "flat", motion_gt=tmp_path / "gt")
+    mix = params.model_copy(update={"textures": Params().textures})
+    run(mix, raw=tmp_path / "mix", motion_gt=tmp_path / "gt2")
+    assert digest(tmp_path / "flat") != digest(tmp_path / "mix")
+    with pytest.raises(ValueError, match="textures"):
+        Params(textures=("wood",))

@@ -246,3 +246,19 @@ def test_class_styles_fix_or_randomise_the_contrast_polarity_and_levels_are_chec
     assert all(layer.texture.min() >= 0.55 - 1e-6 for layer in layers[1:])
     with pytest.raises(ValueError, match="object_levels"):
         syn.SceneStyle(object_levels=(0.5, 1.2))
+
+
+def test_flat_surfaces_change_only_where_an_edge_moves():
+    style = dataclasses.replace(syn.CLASS_STYLE, textures=("flat",))
+    layers = syn._class_scene("translate_right", np.random.default_rng(5), (48, 48), 6, style)
+    for layer in layers:  # one uniform colour per surface, inside its brightness levels
+        assert np.ptp(layer.texture.reshape(-1, 3), axis=0).max() == 0
+    frames = syn.render_class_clip("translate_right", size=(48, 48), num_frames=6,
+                                   rng=np.random.default_rng(5), style=style).astype(int)
+    changed = np.abs(np.diff(frames, axis=0)).max(-1) > 2  # (T-1, H, W)
+    assert 0 < changed.mean() < 0.25, "the moving edges change, the surfaces do not"
+    still = np.abs(np.diff(frames, axis=0)).max(-1) == 0
+    assert still.mean() > 0.75, "a flat surface away from a moving edge does not change at all"
+    assert "flat" not in syn.CLASS_STYLE.textures, "no shipped style draws flat surfaces"
+    with pytest.raises(ValueError, match="textures"):
+        syn.SceneStyle(textures=("wood",))
