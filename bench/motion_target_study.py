@@ -10,14 +10,16 @@ measures two things:
    so it shows how much of it sits in tubelets that barely change (codec noise, grain, a slow textured
    background) and is scaled up by the normalisation.
 2. **Whether the target can even be memorised.** The demo's model (its own init and heads) trains on one
-   fixed batch of 8 clips and one fixed mask for `--steps` steps (AdamW, `--lr`, no weight decay): the
-   code accuracy against the most frequent code's, and the motion MSE against zero's, every 25 steps.
-   A target that the model cannot fit on 8 clips it has seen `--steps` times is not one it will predict
-   on clips it has not seen.
+   fixed batch of `--clips` clips (8) and one fixed mask for `--steps` steps (AdamW, `--lr`, no weight
+   decay): the code accuracy against the most frequent code's, and the motion MSE against zero's, every
+   25 steps. A target that the model cannot fit on clips it has seen `--steps` times is not one it will
+   predict on clips it has not seen; with one clip it shows whether the model can fit the target at all,
+   and how long predicting zero holds it first.
 
 Writes bench/results/motion_target_study-<device>.json; prints the figures last.
 
-    python bench/motion_target_study.py [--params params.yaml] [--steps 300] [--lr 1e-3] [--threads 2]
+    python bench/motion_target_study.py [--params params.yaml] [--steps 300] [--clips 8] [--lr 1e-3]
+                                        [--threads 2]
 """
 
 from __future__ import annotations
@@ -66,11 +68,11 @@ def error_by_band(dataset: PretrainDataset, params: pretrain.Params) -> dict:
 
 
 def memorise_one_batch(dataset: PretrainDataset, params: pretrain.Params, steps: int,
-                       lr: float) -> list[dict]:
+                       lr: float, clips: int = 8) -> list[dict]:
     """Code accuracy and motion MSE (with their baselines) while fitting one fixed batch."""
     torch.manual_seed(0)
     model = pretrain.build_model(params, dataset).train()
-    batch = collate_shared([dataset[(i, 0)] for i in range(8)])  # one batch, one mask, fixed
+    batch = collate_shared([dataset[(i, 0)] for i in range(clips)])  # one batch, one mask, fixed
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     curve, started = [], time.perf_counter()
     for step in range(steps + 1):
@@ -93,6 +95,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--steps", type=int, default=300, help="steps on the one batch")
+    parser.add_argument("--clips", type=int, default=8, help="clips in the one batch")
+    parser.add_argument("--tag", help="results go to motion_target_study-<tag>-<device>.json (another "
+                        "data set, another batch)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -103,7 +108,7 @@ def main() -> None:
         raise SystemExit(f"pretrain.objective is {params.objective}: the study needs mam2's two targets")
     dataset = PretrainDataset(paths.clips, paths.targets, pretrain.sampling_for(params))
     bands = error_by_band(dataset, params)
-    curve = memorise_one_batch(dataset, params, args.steps, args.lr)
+    curve = memorise_one_batch(dataset, params, args.steps, args.lr, args.clips)
     first, last = curve[0], curve[-1]
     figures = {
         **bands,
@@ -113,8 +118,10 @@ def main() -> None:
         "memorise_motion_mse_first": first["loss_motion"], "memorise_motion_mse_last": last["loss_motion"],
         "memorise_motion_mse_zero": last["motion_mse_baseline"],
     }
-    device = save_results("motion_target_study", {"params": str(args.params), "clips": len(dataset),
-                                                  "lr": args.lr, "figures": figures, "curve": curve})
+    name = "motion_target_study" + (f"-{args.tag}" if args.tag else "")
+    device = save_results(name, {"params": str(args.params), "clips": len(dataset),
+                                 "memorise_clips": args.clips, "lr": args.lr, "figures": figures,
+                                 "curve": curve})
     print(f"\nmotion_target_study ({device}, {len(dataset)} pre-training clips)")
     print_figures(figures, width=36)
 
