@@ -108,8 +108,9 @@ class FlowParams(StageParams):
                          "pseudo_labels) and their shards")
     threads_per_stage: int | None = Field(None, ge=1, description="compute threads of each stage "
                                           "process (OMP_NUM_THREADS, MKL_NUM_THREADS); empty: this "
-                                          "machine's cores shared by the two branches that run at once, "
-                                          "at least 1 (repro mode: all of them)")
+                                          "machine's cores shared by the two branches that run at "
+                                          "once, at least 1 (repro mode: each stage's own default, "
+                                          "a thread per core)")
 
 
 def document_params(model: type[BaseModel]):
@@ -260,13 +261,14 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def default_threads_per_stage(dvc_mode: str, cores: int | None = None) -> int:
+def default_threads_per_stage(dvc_mode: str, cores: int | None = None) -> int | None:
     """Each stage process's compute threads when the flow is not told: in `commit` mode the cores
-    shared by the BRANCHES that run side by side, in `repro` mode (one stage at a time) all of them.
-    Torch, like OpenMP, otherwise starts one thread per core in every process; two stages doing so
-    on 2 cores ran 3-12x slower each (README, Orchestration)."""
-    cores = cores or available_cores()
-    return cores if dvc_mode == "repro" else max(1, cores // BRANCHES)
+    shared by the BRANCHES that run side by side; in `repro` mode (one stage at a time) None, the
+    stage's own default. Torch, like OpenMP, starts one thread per core in every process; two stages
+    doing so on 2 cores ran 3-12x slower each (README, Orchestration)."""
+    if dvc_mode == "repro":
+        return None
+    return max(1, (cores or available_cores()) // BRANCHES)
 
 
 def stage_env(parent_run_id: str | None, threads: int | None = None) -> dict[str, str]:
@@ -587,7 +589,8 @@ def mam2_flow(params_file: str = "params.yaml", first_stage: StageChoice | None 
     logger.info("stages: %s", ", ".join(f"{s} (after {', '.join(sorted(graph[s] & set(stages)))})"
                                         if graph[s] & set(stages) else s for s in stages))
     threads = settings.threads_per_stage or default_threads_per_stage(settings.dvc_mode)
-    logger.info("%d compute thread(s) per stage process (threads_per_stage)", threads)
+    logger.info("compute threads per stage process (threads_per_stage): %s",
+                threads or "each stage's own default")
     start = time.perf_counter()
     with pipeline_run(settings, models, params_path) as parent:
         ctx = StageContext(str(project), settings.dvc_mode, settings.shards, settings.dask_address,
@@ -595,7 +598,7 @@ def mam2_flow(params_file: str = "params.yaml", first_stage: StageChoice | None 
         results, errors = collect(submit_stages(stages, graph, ctx))
         ran = [r for r in results.values() if r["ran"]]
         parent.log_metrics({"flow/seconds": time.perf_counter() - start, "flow/stages_run": len(ran),
-                            "flow/threads_per_stage": threads,
+                            **({"flow/threads_per_stage": threads} if threads else {}),
                             **{f"flow/{r['stage'].replace('@', '/')}_seconds": r["seconds"] for r in ran}})
         if errors:
             # the run's last log line: `prefect deployment run --watch` and the UI show the reason

@@ -120,7 +120,7 @@ def test_each_stage_gets_its_share_of_the_cores():
     assert default_threads_per_stage("commit", cores=2) == 1, "two branches on two cores"
     assert default_threads_per_stage("commit", cores=16) == 8
     assert default_threads_per_stage("commit", cores=1) == 1
-    assert default_threads_per_stage("repro", cores=16) == 16, "one stage at a time: all the cores"
+    assert default_threads_per_stage("repro", cores=16) is None, "one stage at a time: its own default"
     env = stage_env("run-id", threads=3)
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "3" and env["MAM2_PARENT_RUN_ID"] == "run-id"
     assert stage_env(None).get("OMP_NUM_THREADS") == os.environ.get("OMP_NUM_THREADS"), "untold: as is"
