@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.results_file import print_figures, save_results  # noqa: E402
+from pipeline.core.processes import thread_env  # noqa: E402
+from pipeline.core.registry import module_name  # noqa: E402
 
 ARMS = {"mix": "[noise, stripes, checker, dots, rings]", "flat": "[flat]"}
 FIGURES = ("motion_mse", "motion_mse_baseline", "appearance_acc", "appearance_acc_baseline")
@@ -48,11 +50,10 @@ def run_stage(stage: str, sets: list[str], workdir: Path, threads: int) -> float
     """One stage as `python -m stages.<stage>` in the project root, every path under `workdir`."""
     paths = {"raw": "raw", "motion_gt": "motion_gt", "clips": "clips.zarr", "targets": "targets.zarr",
              "reports": "reports", "metrics": "metrics", "artifacts": "artifacts", "runs": "runs"}
-    command = [sys.executable, "-m", f"stages.{stage}",
+    command = [sys.executable, "-m", module_name(stage),
                *(arg for key, name in paths.items() for arg in ("--set", f"paths.{key}={workdir / name}")),
                *(arg for item in sets for arg in ("--set", item))]
-    env = {**os.environ, "MAM2_MLFLOW": "0", "OMP_NUM_THREADS": str(threads),
-           "MKL_NUM_THREADS": str(threads)}
+    env = {**os.environ, "MAM2_MLFLOW": "0", **thread_env(threads)}
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True)

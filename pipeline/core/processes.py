@@ -1,8 +1,10 @@
-"""Worker processes that never outlive the stage that started them.
+"""Worker processes that never outlive the stage that started them, and the cores processes share.
 
 A stage killed with SIGKILL cannot stop its pool, and spawned workers blocked on their task queue
 would otherwise sleep forever. `die_with_parent`, run as a pool's initializer, asks Linux to send
 the worker SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG); elsewhere it does nothing.
+`available_cores` is what this process may run on; `thread_env` the environment that gives a child
+process a number of compute threads.
 """
 
 from __future__ import annotations
@@ -37,3 +39,16 @@ def process_alive(pid: int) -> bool:
     except PermissionError:  # someone else's process: alive
         return True
     return True
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers narrow), else all."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment variables that give a child process `threads` compute threads: OpenMP's and
+    MKL's, which torch's intra-op pool follows."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

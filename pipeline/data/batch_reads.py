@@ -14,13 +14,14 @@ oversubscribe it.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import zarr
 from torch.utils.data import get_worker_info
 from zarr.core.sync import sync
+
+from pipeline.core.processes import available_cores
 
 
 def read_together(arrays: Mapping[str, zarr.Array], reads: Sequence[tuple[str, tuple]]) -> list[np.ndarray]:
@@ -37,5 +38,4 @@ def share_cores_in_worker() -> None:
     share of the cores this process may run on."""
     info = get_worker_info()
     if info is not None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        zarr.config.set({"threading.max_workers": max(1, cores // info.num_workers)})
+        zarr.config.set({"threading.max_workers": max(1, available_cores() // info.num_workers)})

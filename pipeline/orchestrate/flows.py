@@ -61,6 +61,7 @@ from pipeline.core.params import (
     format_validation_error,
     params_hash,
 )
+from pipeline.core.processes import available_cores, thread_env
 from pipeline.core.registry import STAGES
 from pipeline.core.shards import Shard, supports_shards
 from pipeline.core.stage_cli import USAGE_EXIT_CODE, run_tags
@@ -253,14 +254,6 @@ def _reach(start: set[str], edges: dict[str, set[str]]) -> set[str]:
 # ----------------------------------------------------------------------------- processes
 
 
-def available_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers narrow), else all."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def default_threads_per_stage(dvc_mode: str, cores: int | None = None) -> int | None:
     """Each stage process's compute threads when the flow is not told: in `commit` mode the cores
     shared by the BRANCHES that run side by side; in `repro` mode (one stage at a time) None, the
@@ -280,7 +273,7 @@ def stage_env(parent_run_id: str | None, threads: int | None = None) -> dict[str
     if parent_run_id:
         env["MAM2_PARENT_RUN_ID"] = parent_run_id
     if threads is not None:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        env.update(thread_env(threads))
     return env
 
 
